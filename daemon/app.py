@@ -28,7 +28,7 @@ import signal
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -151,6 +151,11 @@ class Daemon:
     _reload_lock: trio.Lock = field(default_factory=trio.Lock)
     _nursery: trio.Nursery | None = None
     _stop: trio.Event = field(default_factory=trio.Event)
+    #: Connection attempts in progress at once, across sessions (daemon.max_handshakes).
+    handshakes: trio.CapacityLimiter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.handshakes = trio.CapacityLimiter(self.config.daemon.max_handshakes)
 
     @property
     def stopping(self) -> bool:
@@ -176,12 +181,9 @@ class Daemon:
                         async with self._reload_lock:
                             for serve in bound:
                                 await servers.start(serve)
-                            for session in self.config.sessions:
-                                if self._stop.is_set():
-                                    break  # SIGTERM while starting
-                                if session.enabled:
-                                    view = self._views.get(session.name)
-                                    await self._start_session(session, view, sink)
+                            await self._start_sessions(
+                                [s for s in self.config.sessions if s.enabled], sink
+                            )
                         # Everything allocated so far lives as long as the daemon: keep it
                         # out of the collector's way.
                         gc.collect()
@@ -321,10 +323,29 @@ class Daemon:
             limiter = self.limiters[host] = ConnectRateLimiter(session.connect_rate)
         return limiter
 
+    async def _start_sessions(self, sessions: Sequence[SessionConfig], sink: EventSink) -> None:
+        """Start runners side by side, each where the log left it.
+
+        ``nursery.start`` returns after a scheduling round (and, for a session that was
+        live when the daemon died, after its ``recover`` COMMIT): one after another,
+        10,000 sessions took minutes. The runners are created in configuration order,
+        which is the order status lists them in.
+        """
+        assert self._nursery is not None
+        runners = [self._new_runner(s, self._views.get(s.name), sink) for s in sessions]
+        async with trio.open_nursery() as starting:
+            for runner in runners:
+                starting.start_soon(self._nursery.start, runner.run)
+
     async def _start_session(
         self, session: SessionConfig, view: SessionView | None, sink: EventSink
-    ) -> SessionRunner:
+    ) -> None:
         assert self._nursery is not None
+        await self._nursery.start(self._new_runner(session, view, sink).run)
+
+    def _new_runner(
+        self, session: SessionConfig, view: SessionView | None, sink: EventSink
+    ) -> SessionRunner:
         runner = SessionRunner(
             session,
             machine=self.machine,
@@ -335,11 +356,11 @@ class Daemon:
             resolve_url=functools.partial(_resolve_url, session, self.secrets),
             publisher=self.publisher,
             recovered=view,
+            handshakes=self.handshakes,
         )
         self.sessions[session.name] = runner
         if self.consumers is not None:
             self.consumers.add_session(session.name, runner.shown)
-        await self._nursery.start(runner.run)
         return runner
 
     async def _shutdown_sessions(self) -> None:
@@ -400,6 +421,7 @@ class Daemon:
             detail.update(uid=operator.uid, user=operator.user)
         self.secrets = secrets  # for the runners started from now on
         self.config = new
+        self.handshakes.total_tokens = new.daemon.max_handshakes
         _extend_redaction(new.secret_values(secrets))
         in_file = set(new.session_names)
         async with trio.open_nursery() as nursery:
@@ -413,8 +435,7 @@ class Daemon:
                     "reconnecting with the new settings"
                 )
                 nursery.start_soon(self._hand_over, running[name], wanted[name], reason)
-        for name in added:
-            await self._start_session(wanted[name], self._views.get(name), self._sink_or_raise())
+        await self._start_sessions([wanted[name] for name in added], self._sink_or_raise())
         try:
             await trio.to_thread.run_sync(self._record_reload, outcome, by, detail)
         except Exception as exc:  # the sessions changed already: say so, do not fail
@@ -469,11 +490,17 @@ class Daemon:
             conn.execute(sa.insert(config_reloads).values(**row))
 
 
+_APPLIED_ON_RELOAD = frozenset({"admin_group", "max_handshakes"})
+
+
 def _restart_notes(old: Config, new: Config) -> list[str]:
-    """[daemon] settings a reload cannot apply (admin_group is read on every request)."""
+    """[daemon] settings a reload cannot apply (admin_group is read on every request,
+    max_handshakes applies at once)."""
     notes = []
     for f in dataclasses.fields(new.daemon):
-        if f.name != "admin_group" and getattr(old.daemon, f.name) != getattr(new.daemon, f.name):
+        if f.name in _APPLIED_ON_RELOAD:
+            continue
+        if getattr(old.daemon, f.name) != getattr(new.daemon, f.name):
             notes.append(f"daemon.{f.name} changed: takes effect when the daemon restarts")
     return notes
 

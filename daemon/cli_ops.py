@@ -295,6 +295,11 @@ def render_status(status: Mapping[str, Any], now: datetime | None = None) -> str
     ]
     if d.get("writer_error"):
         lines.append(f"EVENT STORE FAILING: {d['writer_error']}")
+    if d.get("handshakes_queued"):
+        lines.append(
+            f"handshakes {d.get('handshakes_in_flight', 0)} in progress (max "
+            f"{d.get('max_handshakes', 0)}), {d['handshakes_queued']} sessions queued"
+        )
     sessions = status.get("sessions", [])
     rows = []
     for s in sessions:
@@ -302,7 +307,7 @@ def render_status(status: Mapping[str, Any], now: datetime | None = None) -> str
         rows.append(
             (
                 s.get("name", ""),
-                s.get("state", ""),
+                s.get("state", "") + (" (queued)" if s.get("handshake") == "queued" else ""),
                 _since(s.get("since", ""), now),
                 s.get("attempt", 0),
                 s.get("endpoint", ""),

@@ -78,6 +78,7 @@ DEFAULT_DATABASE: Final = "sqlite:////var/lib/wirekeep/events.db"
 DEFAULT_CONTROL_SOCKET: Final = "/run/wirekeep/control.sock"
 CONSUMER_SOCKET_NAME: Final = "consumers.sock"
 DEFAULT_MAX_FRAME: Final = 1 << 20
+DEFAULT_MAX_HANDSHAKES: Final = 256
 #: sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH: Final = 107
 
@@ -108,6 +109,7 @@ _DAEMON_KEYS: Final = (
     "consumer_queue",
     "consumer_max_lag",
     "max_frame",
+    "max_handshakes",
 )
 _SESSION_KEYS: Final = (
     "name",
@@ -528,6 +530,10 @@ class DaemonConfig:
     consumer_queue: int = 10_000
     consumer_max_lag: float = 30.0
     max_frame: int = DEFAULT_MAX_FRAME
+    #: Connection attempts (connect + authenticate + subscribe) in progress at once,
+    #: across all sessions; the rest queue in order. Keeps a start-up or a mass
+    #: reconnect from starving every handshake of CPU until they all time out.
+    max_handshakes: int = DEFAULT_MAX_HANDSHAKES
 
     def resolved_database(self, secrets: Mapping[str, str]) -> str:
         """The SQLAlchemy URL with placeholders filled in (percent-encoded).
@@ -1288,6 +1294,9 @@ def _read_daemon(c: _Checker, raw: Mapping[str, object]) -> DaemonConfig | None:
     max_frame: int | None = DEFAULT_MAX_FRAME
     if (v := val("max_frame")) is not None:
         max_frame = c.integer(v)
+    handshakes: int | None = DEFAULT_MAX_HANDSHAKES
+    if (v := val("max_handshakes")) is not None:
+        handshakes = c.integer(v)
 
     if consumer is not None and control is not None and consumer == control:
         c.add("daemon.consumer_socket", "must differ from control_socket")
@@ -1304,6 +1313,7 @@ def _read_daemon(c: _Checker, raw: Mapping[str, object]) -> DaemonConfig | None:
     assert queue is not None
     assert lag is not None
     assert max_frame is not None
+    assert handshakes is not None
     return DaemonConfig(
         database=database,
         control_socket=control,
@@ -1316,6 +1326,7 @@ def _read_daemon(c: _Checker, raw: Mapping[str, object]) -> DaemonConfig | None:
         consumer_queue=queue,
         consumer_max_lag=lag,
         max_frame=max_frame,
+        max_handshakes=handshakes,
     )
 
 

@@ -268,6 +268,8 @@ class ControlTarget(Protocol):
     def clocks(self) -> SessionClocks: ...
     @property
     def stopping(self) -> bool: ...
+    @property
+    def handshakes(self) -> trio.CapacityLimiter: ...
 
     async def reload(self, operator: Peer | None) -> ReloadOutcome: ...
 
@@ -332,6 +334,7 @@ class StatusEntries:
             key = (
                 shown, r.endpoint, r.last_error, r.backoff.attempt, r.throttled_until,
                 r.wait_until, r.last_venue_error, r.breaker.half_open, r.breaker.opened_at,
+                r.handshake,
             )  # fmt: skip
             cached = cache.get(r.name)
             if cached is None or cached[0] is not r or cached[1] != key:
@@ -371,6 +374,7 @@ def _static_part(r: SessionRunner) -> str:
         "wait_until": _iso(r.wait_until),
         "breaker": breaker_state(r),
         "last_venue_error": r.last_venue_error or "",
+        "handshake": r.handshake,
     }
     return _dumps(entry)[:-1]
 
@@ -394,6 +398,9 @@ def daemon_entry(target: ControlTarget, version: str) -> dict[str, Any]:
         "config_hash": target.config.config_hash,
         "config_path": target.config.path,
         "writer_error": (writer.last_error or "") if writer and writer.failing_since else "",
+        "handshakes_in_flight": target.handshakes.borrowed_tokens,
+        "handshakes_queued": target.handshakes.statistics().tasks_waiting,
+        "max_handshakes": int(target.handshakes.total_tokens),
     }
 
 

@@ -117,6 +117,8 @@ class MetricsTarget(Protocol):
     def started_at(self) -> datetime | None: ...
     @property
     def stopping(self) -> bool: ...
+    @property
+    def handshakes(self) -> trio.CapacityLimiter: ...
 
 
 def breaker_state(runner: SessionRunner) -> str:
@@ -233,6 +235,14 @@ class Metrics:
         out.extend(
             f'wirekeep_session_messages_total{{session="{r.name}"}} {r.messages}' for r in runners
         )
+
+        slots = target.handshakes
+        head("handshakes_in_flight", "gauge", "Connection attempts holding a handshake slot.")
+        add(f"wirekeep_handshakes_in_flight {slots.borrowed_tokens}")
+        head("handshakes_queued", "gauge", "Sessions waiting for a handshake slot.")
+        add(f"wirekeep_handshakes_queued {slots.statistics().tasks_waiting}")
+        head("handshakes_max", "gauge", "daemon.max_handshakes.")
+        add(f"wirekeep_handshakes_max {int(slots.total_tokens)}")
 
         writer = target.writer
         if writer is not None:

@@ -7,10 +7,12 @@ drive them with ``MockClock``; stored times come from the injected wall clock.
 
 Phases, by state:
 
-- DISCONNECTED / BACKOFF / CIRCUIT_OPEN: wait out the delay, take a connect slot from
-  the host's rate limiter (a refused slot is a visible ``throttled`` transition), then
-  ``start`` / ``retry`` / ``probe``.
-- CONNECTING: transport + handshake (``connected``), authentication, subscriptions.
+- DISCONNECTED / BACKOFF / CIRCUIT_OPEN: wait out the delay, wait for one of the
+  daemon's handshake slots (``max_handshakes``, first come first served; status shows
+  ``handshake: queued``), take a connect slot from the host's rate limiter (a refused
+  slot is a visible ``throttled`` transition), then ``start`` / ``retry`` / ``probe``.
+- CONNECTING: transport + handshake (``connected``), authentication, subscriptions;
+  the handshake slot is given back once subscribed, or when the attempt fails.
 - AUTHENTICATED / STREAMING / STALE: read batches; silence moves STREAMING to STALE
   after ``stale_after`` and ends the link after ``dead_after``; heartbeats run beside.
 - PAUSED: wait for ``resume``.
@@ -143,6 +145,7 @@ class SessionRunner:
         resolve_url: Callable[[str], str] = str,
         publisher: Publisher | None = None,
         recovered: SessionView | None = None,
+        handshakes: trio.CapacityLimiter | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -155,6 +158,10 @@ class SessionRunner:
         # resolved only to connect.
         self._resolve_url = resolve_url
         self._publisher: Publisher = publisher or NullPublisher()
+        # Shared by every session of the daemon: attempts in progress at once.
+        self._handshakes = handshakes
+        #: "" | "queued" (waiting for a slot) | "in progress" (holding one): for status.
+        self.handshake = ""
         self.backoff = Backoff(config.backoff, clocks.uniform)
         self.breaker = CircuitBreaker(config.circuit)
         self.model = machine.register(SessionModel(self.name))
@@ -322,8 +329,11 @@ class SessionRunner:
                         scope.cancel()
                     await self._run_phase()
                 self._phase = None
+                if self.model.state is not State.CONNECTING:
+                    self._release_handshake()  # e.g. paused right after ``start``
         finally:
             self._phase = None
+            self._release_handshake()
             for cmd in self._take_commands():
                 cmd.result = cmd.result or "session stopped"
                 cmd.done.set()
@@ -353,11 +363,36 @@ class SessionRunner:
         self._resume_at = None
         self.wait_until = None
 
+    async def _take_handshake(self) -> None:
+        """Wait for a daemon-wide handshake slot (FIFO); held until subscribed or failed."""
+        if self._handshakes is None or self.handshake == "in progress":
+            return
+        self.handshake = "queued"
+        try:
+            await self._handshakes.acquire_on_behalf_of(self)
+        except BaseException:
+            self.handshake = ""
+            raise
+        self.handshake = "in progress"
+
+    def _release_handshake(self) -> None:
+        if self.handshake == "in progress":
+            assert self._handshakes is not None
+            self._handshakes.release_on_behalf_of(self)
+        self.handshake = ""
+
     async def _begin_attempt(self, trigger: Trigger) -> None:
-        """Take a connect slot for the endpoint's host, or wait for one visibly."""
+        """Take a handshake slot, then a connect slot for the endpoint's host, or wait for
+        one visibly.
+
+        The host's slot is taken last, when the attempt really starts: taken before a
+        queue, it would let queued attempts reach the host later in a burst.
+        """
+        await self._take_handshake()
         url = self.config.endpoints[self.endpoint_index]
         wait = self._limiters(url).try_acquire(trio.current_time())
         if wait > 0.0:
+            self._release_handshake()  # nothing to do until then: let others go
             host = self.config.host_key(url)
             until = self._deadline_in(wait)
             self.throttled_until = until
@@ -397,13 +432,15 @@ class SessionRunner:
                 body = self._interrupt = trio.CancelScope()
                 try:
                     with body:
+                        await self._take_handshake()  # held since the attempt began
                         conn = await self._open(nursery, url)
                         await self._fire(
                             Trigger.CONNECTED, f"connected to {url}", endpoint=url,
                             endpoint_index=self.endpoint_index,
                         )  # fmt: skip
                         await self._authenticate(conn)
-                        await conn.subscribe()
+                        await self._subscribe(conn)
+                        self._release_handshake()
                         self.connected_at = trio.current_time()
                         self._stable_noted = False
                         await self._stream(nursery, conn, link)
@@ -415,6 +452,7 @@ class SessionRunner:
                     link.end(Trigger.LOST, exc)
                 finally:
                     self._interrupt = None
+                    self._release_handshake()
                     if conn is not None:
                         with trio.CancelScope(shield=True):
                             await conn.aclose()
@@ -446,13 +484,25 @@ class SessionRunner:
 
     async def _authenticate(self, conn: Connection) -> None:
         timeout = self.config.auth_timeout
-        with trio.move_on_after(timeout):
+        # The timeout is the venue's: the write-ahead COMMIT after it is ours.
+        with trio.move_on_after(timeout) as scope:
             await conn.authenticate()
-            await self._fire(Trigger.AUTHENTICATED, "authenticated", endpoint=conn.endpoint)
-            return
-        raise AdapterError(
-            f"no authentication reply within {_fmt_s(timeout)}", error_class="AuthTimeout"
-        )
+        if scope.cancelled_caught:
+            raise AdapterError(
+                f"no authentication reply within {_fmt_s(timeout)}", error_class="AuthTimeout"
+            )
+        await self._fire(Trigger.AUTHENTICATED, "authenticated", endpoint=conn.endpoint)
+
+    async def _subscribe(self, conn: Connection) -> None:
+        """Send the subscriptions; a venue that confirms them must do so within
+        ``auth_timeout`` (a session must not sit in AUTHENTICATED forever)."""
+        timeout = self.config.auth_timeout
+        with trio.move_on_after(timeout) as scope:
+            await conn.subscribe()
+        if scope.cancelled_caught:
+            raise AdapterError(
+                f"no subscription reply within {_fmt_s(timeout)}", error_class="SubscribeTimeout"
+            )
 
     async def _stream(self, nursery: trio.Nursery, conn: Connection, link: _Link) -> None:
         """Read until the link fails, goes silent for dead_after, or is told to end."""

@@ -89,7 +89,7 @@ class StatusResult(_message.Message):
     def __init__(self, daemon: _Optional[_Union[DaemonInfo, _Mapping]] = ..., sessions: _Optional[_Iterable[_Union[SessionStatus, _Mapping]]] = ...) -> None: ...
 
 class DaemonInfo(_message.Message):
-    __slots__ = ("pid", "uptime_s", "version", "database", "events_written", "writer_lag_s", "started_at", "config_hash", "config_path", "writer_error")
+    __slots__ = ("pid", "uptime_s", "version", "database", "events_written", "writer_lag_s", "started_at", "config_hash", "config_path", "writer_error", "handshakes_in_flight", "handshakes_queued", "max_handshakes")
     PID_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +100,9 @@ class DaemonInfo(_message.Message):
     CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
     CONFIG_PATH_FIELD_NUMBER: _ClassVar[int]
     WRITER_ERROR_FIELD_NUMBER: _ClassVar[int]
+    HANDSHAKES_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    HANDSHAKES_QUEUED_FIELD_NUMBER: _ClassVar[int]
+    MAX_HANDSHAKES_FIELD_NUMBER: _ClassVar[int]
     pid: int
     uptime_s: float
     version: str
@@ -110,10 +113,13 @@ class DaemonInfo(_message.Message):
     config_hash: str
     config_path: str
     writer_error: str
-    def __init__(self, pid: _Optional[int] = ..., uptime_s: _Optional[float] = ..., version: _Optional[str] = ..., database: _Optional[str] = ..., events_written: _Optional[int] = ..., writer_lag_s: _Optional[float] = ..., started_at: _Optional[str] = ..., config_hash: _Optional[str] = ..., config_path: _Optional[str] = ..., writer_error: _Optional[str] = ...) -> None: ...
+    handshakes_in_flight: int
+    handshakes_queued: int
+    max_handshakes: int
+    def __init__(self, pid: _Optional[int] = ..., uptime_s: _Optional[float] = ..., version: _Optional[str] = ..., database: _Optional[str] = ..., events_written: _Optional[int] = ..., writer_lag_s: _Optional[float] = ..., started_at: _Optional[str] = ..., config_hash: _Optional[str] = ..., config_path: _Optional[str] = ..., writer_error: _Optional[str] = ..., handshakes_in_flight: _Optional[int] = ..., handshakes_queued: _Optional[int] = ..., max_handshakes: _Optional[int] = ...) -> None: ...
 
 class SessionStatus(_message.Message):
-    __slots__ = ("name", "state", "since", "attempt", "endpoint", "last_error", "msgs_per_s", "seconds_since_last_message", "kind", "throttled_until", "consumers", "dropped", "reason", "wait_until", "messages", "breaker", "last_venue_error")
+    __slots__ = ("name", "state", "since", "attempt", "endpoint", "last_error", "msgs_per_s", "seconds_since_last_message", "kind", "throttled_until", "consumers", "dropped", "reason", "wait_until", "messages", "breaker", "last_venue_error", "handshake")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SINCE_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +137,7 @@ class SessionStatus(_message.Message):
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     BREAKER_FIELD_NUMBER: _ClassVar[int]
     LAST_VENUE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    HANDSHAKE_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: str
     since: str
@@ -148,7 +155,8 @@ class SessionStatus(_message.Message):
     messages: int
     breaker: str
     last_venue_error: str
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., since: _Optional[str] = ..., attempt: _Optional[int] = ..., endpoint: _Optional[str] = ..., last_error: _Optional[str] = ..., msgs_per_s: _Optional[float] = ..., seconds_since_last_message: _Optional[float] = ..., kind: _Optional[str] = ..., throttled_until: _Optional[str] = ..., consumers: _Optional[int] = ..., dropped: _Optional[int] = ..., reason: _Optional[str] = ..., wait_until: _Optional[str] = ..., messages: _Optional[int] = ..., breaker: _Optional[str] = ..., last_venue_error: _Optional[str] = ...) -> None: ...
+    handshake: str
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., since: _Optional[str] = ..., attempt: _Optional[int] = ..., endpoint: _Optional[str] = ..., last_error: _Optional[str] = ..., msgs_per_s: _Optional[float] = ..., seconds_since_last_message: _Optional[float] = ..., kind: _Optional[str] = ..., throttled_until: _Optional[str] = ..., consumers: _Optional[int] = ..., dropped: _Optional[int] = ..., reason: _Optional[str] = ..., wait_until: _Optional[str] = ..., messages: _Optional[int] = ..., breaker: _Optional[str] = ..., last_venue_error: _Optional[str] = ..., handshake: _Optional[str] = ...) -> None: ...
 
 class ActionResult(_message.Message):
     __slots__ = ("sessions", "skipped", "message", "results")

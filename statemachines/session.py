@@ -172,30 +172,33 @@ class SessionModel:
 
 
 class _Models(list[Any]):
-    """The machine's model list with identity membership in O(1).
+    """The machine's model list with identity membership and removal in O(1).
 
     ``Machine.add_model`` checks ``mod not in self.models`` before each registration,
-    which is a linear scan by equality: registering n models costs O(n^2).
+    which is a linear scan by equality: registering n models costs O(n^2), and so does
+    removing them one by one with ``list.remove``. Here each model's index is kept;
+    removal moves the last model into the gap (the order of models means nothing).
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self._ids: set[int] = set()
+        self._index: dict[int, int] = {}
 
     def __contains__(self, item: object) -> bool:
-        return id(item) in self._ids
+        return id(item) in self._index
 
     def append(self, item: Any) -> None:
-        self._ids.add(id(item))
+        self._index[id(item)] = len(self)
         super().append(item)
 
     def remove(self, item: Any) -> None:
-        self._ids.discard(id(item))
-        for index, model in enumerate(self):
-            if model is item:
-                del self[index]
-                return
-        raise ValueError(f"{item!r} is not registered")
+        index = self._index.pop(id(item), None)
+        if index is None:
+            raise ValueError(f"{item!r} is not registered")
+        last = super().pop()
+        if last is not item:
+            self[index] = last
+            self._index[id(last)] = index
 
 
 class _SharedMachine(Machine):

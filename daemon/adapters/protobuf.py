@@ -314,11 +314,19 @@ class ProtobufLink:
             raise ConnectionLost(self._redact(describe_transport_error(exc))) from None
 
     async def _send(self, data: bytes) -> None:
-        async with self._send_lock:
-            try:
-                await self._stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise ConnectionLost(self._redact(describe_transport_error(exc))) from None
+        # ``async with lock`` yields to the scheduler even when the lock is free: one
+        # extra task switch per heartbeat, 10,000 sessions over. send_all checkpoints.
+        lock = self._send_lock
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
+            await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ConnectionLost(self._redact(describe_transport_error(exc))) from None
+        finally:
+            lock.release()
 
     def _end_of_stream(self, *, auth: bool) -> AdapterError:
         try:

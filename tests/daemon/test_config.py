@@ -47,6 +47,7 @@ log_format = "json"
 consumer_queue = 500
 consumer_max_lag = 12
 max_frame = 65536
+max_handshakes = 64
 
 [defaults]
 stale_after = 4.0
@@ -127,6 +128,7 @@ def test_full_config_round_trip_with_defaults_merged(tmp_path: Path) -> None:
     assert d.consumer_max_lag == 12.0
     assert isinstance(d.consumer_max_lag, float)
     assert d.max_frame == 65536
+    assert d.max_handshakes == 64
 
     assert [s.name for s in config.sessions] == ["venue-a", "venue-b"]
     a = config.session("venue-a")
@@ -189,6 +191,7 @@ def test_empty_file_gives_all_defaults(tmp_path: Path) -> None:
     assert d.consumer_websocket_listen is None
     assert (d.log_format, d.consumer_queue, d.consumer_max_lag) == ("auto", 10_000, 30.0)
     assert d.max_frame == 1 << 20
+    assert d.max_handshakes == 256
     assert config.sessions == ()
 
 
@@ -275,6 +278,11 @@ def test_the_message_format() -> None:
             "must be an integer, got boolean true",
         ),
         # ranges
+        (
+            "[daemon]\nmax_handshakes = 0\n",
+            "daemon.max_handshakes",
+            "must be at least 1, got 0",
+        ),
         (
             session_toml("auth_timeout = 0"),
             "sessions[venue-a].auth_timeout",

@@ -151,6 +151,17 @@ def test_human_status_is_a_table() -> None:
     assert "connection refused by b:5035" in lines[6]
 
 
+def test_human_status_shows_the_handshake_queue() -> None:
+    status = {
+        "daemon": {"version": "0.1.0", "pid": 42, "uptime_s": 5, "handshakes_in_flight": 256,
+                   "handshakes_queued": 9744, "max_handshakes": 256},
+        "sessions": [{"name": "s09999", "state": "DISCONNECTED", "handshake": "queued"}],
+    }  # fmt: skip
+    lines = render_status(status).splitlines()
+    assert lines[2] == "handshakes 256 in progress (max 256), 9744 sessions queued"
+    assert lines[6].split()[:3] == ["s09999", "DISCONNECTED", "(queued)"]
+
+
 # --------------------------------------------------------------------------- the CLI
 
 

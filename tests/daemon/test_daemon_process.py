@@ -662,7 +662,11 @@ async def test_a_clean_restart_carries_the_failure_counts_over_exactly(
 
     async def drop_and_reconnect(daemon: Process, name: str) -> dict[str, Any]:
         """Drop the session's link once it streams; the failure event that follows."""
-        await eventually(lambda: db.events(name)[-1]["dest"] == "STREAMING", "STREAMING")
+        # READY can come before a session's first event: no events yet means "not yet".
+        await eventually(
+            lambda: (events := db.events(name)) and events[-1]["dest"] == "STREAMING",
+            "STREAMING",
+        )
         floor = db.events(name)[-1]["version"]
         assert await venue.fault("drop", kind=kinds[name]) == 1
         failure = await eventually(

@@ -97,6 +97,10 @@ async def test_metrics_text(tmp_path: Path) -> None:
     assert values['wirekeep_sessions{state="STREAMING"}'] == 1
     assert values['wirekeep_sessions{state="PAUSED"}'] == 1
     assert values['wirekeep_sessions{state="BACKOFF"}'] == 0
+    # Both streaming or paused: no attempt holds or waits for a handshake slot.
+    assert values["wirekeep_handshakes_in_flight"] == 0
+    assert values["wirekeep_handshakes_queued"] == 0
+    assert values["wirekeep_handshakes_max"] == 256
     assert values['wirekeep_session_state{session="a",state="STREAMING"}'] == 1
     assert values['wirekeep_session_state{session="a",state="PAUSED"}'] == 0
     assert values['wirekeep_session_state{session="b",state="PAUSED"}'] == 1

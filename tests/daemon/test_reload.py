@@ -136,13 +136,19 @@ async def test_a_removed_session_added_again_continues_its_history(tmp_path: Pat
 async def test_daemon_settings_wait_for_a_restart(tmp_path: Path) -> None:
     async with running_daemon(tmp_path, ["a"]) as r:
         await r.streaming()
-        r.rewrite([r.session("a")], daemon_keys={"admin_group": "staff", "log_format": "json"})
+        r.rewrite(
+            [r.session("a")],
+            daemon_keys={"admin_group": "staff", "log_format": "json", "max_handshakes": 7},
+        )
         result = (await r.call(RELOAD))["reload"]
         assert result["unchanged"] == 1
         assert result["notes"] == [
             "daemon.log_format changed: takes effect when the daemon restarts"
         ]
         assert r.daemon.config.daemon.admin_group == "staff"  # read on every request
+        assert r.daemon.handshakes.total_tokens == 7  # applied at once
+        status = (await r.call({"id": "s", "status": {}}))["status"]
+        assert status["daemon"]["max_handshakes"] == 7
         assert len(r.db.rows("SELECT id FROM config_reloads")) == 1
 
 

@@ -12,8 +12,8 @@ import pytest
 import trio
 from sessionkit import PB_PORT, T0, Kit, MemoryLog, Net, session_toml, sessions_from, venue
 
-from daemon.session import PRIMARY_PROBE_INTERVAL, CommandKind
-from statemachines.session import State
+from daemon.session import PRIMARY_PROBE_INTERVAL, CommandKind, SessionRunner
+from statemachines.session import State, TransitionRecord
 
 
 @pytest.fixture
@@ -333,4 +333,142 @@ async def test_operator_commands_interrupt_any_phase(autojump: object) -> None:
         path = [t for t, _ in kit.log.path("s")]
         assert path[4:7] == ["pause", "resume", "start"]
         assert "reconnect" in path
+    kit.log.verify()
+
+
+class SlotWatch(MemoryLog):
+    """A MemoryLog that checks, at every event, who holds a handshake slot."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runners: list[SessionRunner] = []
+        self.peak = 0
+
+    async def append(self, record: TransitionRecord) -> None:
+        holding = [r for r in self.runners if r.handshake == "in progress"]
+        self.peak = max(self.peak, len(holding))
+        if record.trigger in ("connected", "authenticated"):
+            # An attempt's network work happens only inside a slot.
+            assert any(r.name == record.session for r in holding), record
+        await super().append(record)
+
+
+async def test_handshake_slots_queue_attempts_without_counting_the_wait(
+    autojump: object,
+) -> None:
+    """One slot: a hung connect holds it; the other session queues, visibly, then streams.
+
+    Its connect timeout (4 s) is shorter than its wait (4 s + the hung attempt's retry):
+    the queue is not the venue's time.
+    """
+    async with trio.open_nursery() as nursery:
+        watch = SlotWatch()
+        kit = Kit(Net(nursery, {"venue": venue(rate=10.0)}, hang={"hung"}), watch)
+        slots = trio.CapacityLimiter(1)
+        toml = session_toml("a", connect_timeout=4.0).replace("tcp://venue", "tcp://hung")
+        toml += session_toml("b", connect_timeout=4.0)
+        a, b = watch.runners = [kit.runner(s, handshakes=slots) for s in sessions_from(toml)]
+        await nursery.start(a.run)
+        await nursery.start(b.run)
+        await trio.sleep(1)
+        assert (a.handshake, b.handshake) == ("in progress", "queued")
+        assert slots.statistics().tasks_waiting == 1
+        assert kit.log.timeline("b") == []  # still DISCONNECTED: no attempt has begun
+        await trio.sleep(4)
+        assert kit.log.timeline("a")[:2] == [(0.0, "start", "CONNECTING"), (4.0, "lost", "BACKOFF")]
+        assert kit.log.timeline("b") == [
+            (4.0, "start", "CONNECTING"),  # the slot a gave back
+            (4.0, "connected", "CONNECTING"),
+            (4.0, "authenticated", "AUTHENTICATED"),
+            (4.1, "data", "STREAMING"),
+        ]
+        assert b.handshake == ""  # given back once subscribed
+        await trio.sleep(10)
+        assert b.model.state is State.STREAMING
+        assert watch.peak == 1
+        nursery.cancel_scope.cancel()
+    kit.log.verify()
+
+
+async def test_handshake_slots_with_throttling_and_many_sessions(autojump: object) -> None:
+    """Throttled sessions give their slot back; all stream, never more than 3 at once."""
+    async with trio.open_nursery() as nursery:
+        watch = SlotWatch()
+        kit = Kit(Net(nursery, {"venue": venue(rate=10.0)}), watch)
+        slots = trio.CapacityLimiter(3)
+        toml = "".join(
+            session_toml(f"s{i}", connect_rate="{ per_host = 4, window = 10.0 }") for i in range(10)
+        )
+        runners = watch.runners = [kit.runner(s, handshakes=slots) for s in sessions_from(toml)]
+        for runner in runners:
+            await nursery.start(runner.run)
+        await trio.sleep(40)
+        assert all(r.model.state is State.STREAMING for r in runners)
+        assert watch.peak == 3
+        assert slots.borrowed_tokens == 0
+        assert sum(1 for r in kit.log.records if r.trigger == "throttled") > 0
+        starts = sorted(
+            (r.at - T0).total_seconds() for r in kit.log.records if r.trigger in ("start", "retry")
+        )
+        assert starts == [0.0] * 4 + [10.0] * 4 + [20.0] * 2  # 4 per 10 s, none lost to the queue
+        nursery.cancel_scope.cancel()
+    kit.log.verify()
+
+
+class NoSubscribeReply:
+    """A protobuf server that authenticates anyone and never answers SubscribeReq."""
+
+    def __init__(self) -> None:
+        self.subscribe_requests = 0
+
+    async def handle_protobuf_stream(self, stream: trio.abc.Stream, port: int) -> None:
+        from protocol.venue_codec import Role, VenueDecoder, encode
+        from protocol.venue_pb2 import (
+            ACCOUNT_AUTH_RES,
+            APPLICATION_AUTH_RES,
+            AccountAuthReq,
+            AccountAuthRes,
+            ApplicationAuthReq,
+            ApplicationAuthRes,
+            SubscribeReq,
+        )
+
+        decoder = VenueDecoder(Role.SERVER)
+        async with stream:
+            while data := await stream.receive_some(65536):
+                decoder.feed(data)
+                for message in decoder.messages():
+                    body, msg_id = message.message, message.client_msg_id
+                    if isinstance(body, ApplicationAuthReq):
+                        await stream.send_all(
+                            encode(APPLICATION_AUTH_RES, ApplicationAuthRes(), msg_id)
+                        )
+                    elif isinstance(body, AccountAuthReq):
+                        reply = AccountAuthRes(account_id=body.account_id)
+                        await stream.send_all(encode(ACCOUNT_AUTH_RES, reply, msg_id))
+                    elif isinstance(body, SubscribeReq):
+                        self.subscribe_requests += 1
+
+
+async def test_an_unanswered_subscription_times_out(autojump: object) -> None:
+    async with trio.open_nursery() as nursery:
+        server = NoSubscribeReply()
+        kit = Kit(Net(nursery, {"venue": server}), MemoryLog())  # type: ignore[dict-item]
+        slots = trio.CapacityLimiter(1)
+        (session,) = sessions_from(session_toml(auth_timeout=3.0))
+        runner = kit.runner(session, handshakes=slots)
+        await nursery.start(runner.run)
+        await trio.sleep(3.2)
+        assert kit.log.timeline("s") == [
+            (0.0, "start", "CONNECTING"),
+            (0.0, "connected", "CONNECTING"),
+            (0.0, "authenticated", "AUTHENTICATED"),
+            (3.0, "lost", "BACKOFF"),
+        ]
+        lost = kit.log.of("s")[-1]
+        assert lost.reason == "no subscription reply within 3.0 s"
+        assert lost.detail["error_class"] == "SubscribeTimeout"
+        assert slots.borrowed_tokens == 0  # the failed attempt gave its slot back
+        assert server.subscribe_requests == 1
+        nursery.cancel_scope.cancel()
     kit.log.verify()

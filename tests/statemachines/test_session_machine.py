@@ -120,3 +120,21 @@ def test_registration_is_linear_and_models_are_small() -> None:
     assert len(machine) == 20_000
     assert size / len(models) < 1_000
     assert not hasattr(models[0], "start")
+
+
+def test_unregistering_keeps_the_others_registered() -> None:
+    # Removal moves the last model into the gap: every index must stay right.
+    machine = SessionMachine()
+    models = [machine.register(SessionModel(f"s{i}")) for i in range(6)]
+    for gone in (models[1], models[5], models[0]):
+        machine.unregister(gone)
+    left = [models[2], models[3], models[4]]
+    assert len(machine) == 3
+    for model in left:
+        machine.fire(model, "start", at=AT, reason="go")  # still the machine's model
+        assert model.state is State.CONNECTING
+    with pytest.raises(ValueError, match="not registered"):
+        machine.unregister(models[1])  # twice: an error, as with the library's list
+    for model in left:
+        machine.unregister(model)
+    assert len(machine) == 0
