@@ -610,17 +610,6 @@ class ConsumerHub:
         for consumer in list(consumers):
             consumer.fail(Disconnect.PROTOCOL_ERROR, "internal error in wirekeep; reconnect")
 
-    def gap(self, session: str, interrupted_s: float) -> None:
-        """An upstream interruption of ``interrupted_s`` seconds just ended.
-
-        :meth:`transition` already detects reconnects; this is for a caller that knows
-        of an interruption the transitions do not show.
-        """
-        feed = self._feeds.get(session)
-        if feed is not None:
-            feed.interrupted_at = None
-            self._reconnect_gap(feed, interrupted_s)
-
     def _reconnect_gap(self, feed: _Feed, interrupted_s: float) -> None:
         gap = Gap(
             session=feed.name,

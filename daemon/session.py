@@ -56,17 +56,12 @@ class Publisher(Protocol):
 
     def transition(self, record: TransitionRecord) -> None: ...
 
-    def gap(self, session: str, interrupted_s: float) -> None: ...
-
 
 class NullPublisher:
     def data(self, session: str, batch: Batch, received_at_ns: int) -> None:
         return
 
     def transition(self, record: TransitionRecord) -> None:
-        return
-
-    def gap(self, session: str, interrupted_s: float) -> None:
         return
 
 

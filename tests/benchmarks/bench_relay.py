@@ -387,9 +387,6 @@ class CountingPublisher:
     def transition(self, record: TransitionRecord) -> None:
         return
 
-    def gap(self, session: str, interrupted_s: float) -> None:
-        return
-
 
 class MemorySink:
     """The event log, in memory: the relay benchmark's session fires only a handful.
@@ -716,9 +713,6 @@ class LastMessage:
         return
 
     def transition(self, record: TransitionRecord) -> None:
-        return
-
-    def gap(self, session: str, interrupted_s: float) -> None:
         return
 
 

@@ -137,7 +137,10 @@ async def test_tail_prints_data_notices_and_gaps(
         await subscribed(hub, "s")
         hub.transition(TransitionRecord("s", 4, T0, "data", "AUTHENTICATED", "STREAMING", "first"))
         hub.data("s", Batch([b'{"n":1}', b'{"n":2}'], text=True), NS)
-        hub.gap("s", 2.0)
+        # A reconnect: the link drops and streams again 2 s later.
+        hub.transition(TransitionRecord("s", 5, T0, "lost", "STREAMING", "BACKOFF", "reset"))
+        back = T0 + timedelta(seconds=2)
+        hub.transition(TransitionRecord("s", 6, back, "data", "AUTHENTICATED", "STREAMING", "up"))
         hub.data("s", Batch([b'{"n":3}', b'{"n":4}'], text=True), NS)
         with trio.fail_after(5):
             await done.wait()
@@ -148,6 +151,8 @@ async def test_tail_prints_data_notices_and_gaps(
         "14:00:00.000000 s == STREAMING (was AUTHENTICATED, data): first",
         '14:00:01.123456 s #1 {"n":1}',
         '14:00:01.123456 s #2 {"n":2}',
+        "14:00:00.000000 s == BACKOFF (was STREAMING, lost): reset",
+        "14:00:02.000000 s == STREAMING (was AUTHENTICATED, data): up",
         "                s !! gap: resumed after 2.0 s (upstream reconnect); no wirekeep "
         "sequence number is missing, but what the venue sent meanwhile never arrived; "
         "next is 3",
