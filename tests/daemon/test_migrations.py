@@ -74,8 +74,10 @@ def _assert_at_head(store: EventStore) -> None:
             assert "AUTOINCREMENT" in ddl.upper()  # ids are never reused
     expected = (
         {"session_events_no_update", "session_events_no_delete"}
+        | {"config_reloads_no_update", "config_reloads_no_delete"}
         if store.sqlite
         else {"session_events_append_only", "session_events_no_truncate"}
+        | {"config_reloads_append_only", "config_reloads_no_truncate"}
     )
     assert expected <= _triggers(store)
     assert store.append_only_triggers_present()

@@ -379,6 +379,36 @@ def test_truncate_rejected_by_postgresql(pg_store: EventStore) -> None:
     assert raw_rows(pg_store) == before
 
 
+def test_config_reloads_are_append_only_too(store: EventStore) -> None:
+    from daemon.schema import config_reloads
+
+    row = {"run_id": None, "at": datetime.now(UTC), "config_hash": "b" * 16,
+           "previous_hash": "a" * 16, "reason": "configuration reloaded by SIGHUP",
+           "detail": {"added": ["x"]}}  # fmt: skip
+    with store.engine.begin() as conn:
+        conn.execute(sa.insert(config_reloads).values(**row))
+    writes = ["UPDATE config_reloads SET reason = 'nothing happened'", "DELETE FROM config_reloads"]
+    if not store.sqlite:
+        writes.append("TRUNCATE config_reloads")
+    for sql in writes:
+        with (
+            pytest.raises(sa.exc.DBAPIError, match="config_reloads is append-only"),
+            store.engine.begin() as conn,
+        ):
+            conn.execute(sa.text(sql))
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT reason FROM config_reloads")).scalars().all() == [
+            "configuration reloaded by SIGHUP"
+        ]
+    # The shared PostgreSQL function names the table it guards (row triggers need a row).
+    store.append([rec("a", 1)])
+    with (
+        pytest.raises(sa.exc.DBAPIError, match="session_events is append-only: DELETE"),
+        store.engine.begin() as conn,
+    ):
+        conn.execute(sa.text("DELETE FROM session_events"))
+
+
 def test_append_only_triggers_present(store: EventStore) -> None:
     assert store.append_only_triggers_present() is True
 
