@@ -316,6 +316,10 @@ class SessionRunner:
             while True:
                 for cmd in self._take_commands():
                     await self._handle(cmd)
+                if self.model.state is not State.CONNECTING:
+                    # A slot is held from ``start`` to subscribed; a phase or a command
+                    # (a pause right after ``start``) may have ended the attempt first.
+                    self._release_handshake()
                 if self._stopping:
                     return
                 with trio.CancelScope() as scope:
@@ -324,8 +328,6 @@ class SessionRunner:
                         scope.cancel()
                     await self._run_phase()
                 self._phase = None
-                if self.model.state is not State.CONNECTING:
-                    self._release_handshake()  # e.g. paused right after ``start``
         finally:
             self._phase = None
             self._release_handshake()

@@ -472,3 +472,41 @@ async def test_an_unanswered_subscription_times_out(autojump: object) -> None:
         assert server.subscribe_requests == 1
         nursery.cancel_scope.cancel()
     kit.log.verify()
+
+
+class GatedLog(MemoryLog):
+    """A MemoryLog whose COMMIT of the first ``start`` waits for ``gate``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = trio.Event()
+        self.waiting = trio.Event()
+
+    async def append(self, record: TransitionRecord) -> None:
+        if record.trigger == "start" and not self.gate.is_set():
+            self.waiting.set()
+            await self.gate.wait()
+        await super().append(record)
+
+
+async def test_a_pause_between_start_and_connect_gives_the_slot_back(autojump: object) -> None:
+    """``start`` holds a slot for the connection that follows; a pause queued while the
+    ``start`` event commits ends the attempt before it connects: the slot must go back."""
+    async with trio.open_nursery() as nursery:
+        log = GatedLog()
+        kit = Kit(Net(nursery, {"venue": venue(rate=10.0)}), log)
+        slots = trio.CapacityLimiter(1)
+        (session,) = sessions_from(session_toml())
+        runner = kit.runner(session, handshakes=slots)
+        await nursery.start(runner.run)
+        await log.waiting.wait()
+        assert runner.handshake == "in progress"
+        nursery.start_soon(runner.command, CommandKind.PAUSE, "operator")
+        await trio.sleep(0.1)  # queued: the phase is cancelled, the COMMIT is shielded
+        log.gate.set()
+        await trio.sleep(1)
+        assert [d for _, _, d in log.timeline("s")] == ["CONNECTING", "PAUSED"]
+        assert kit.net.opened == []  # never connected
+        assert (runner.handshake, slots.borrowed_tokens) == ("", 0)
+        nursery.cancel_scope.cancel()
+    log.verify()
