@@ -363,28 +363,16 @@ def _json_escape(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)[1:-1]
 
 
-class Secrets(Mapping[str, str]):
+class Secrets(FrozenMap[str]):
     """Resolved secrets: placeholder key (``"env:NAME"``, ``"cred:NAME"``) -> value.
 
     Its ``repr`` shows the keys only, never a value.
     """
 
-    __slots__ = ("_values",)
-
-    def __init__(self, values: Mapping[str, str] | None = None) -> None:
-        self._values: dict[str, str] = dict(values) if values is not None else {}
-
-    def __getitem__(self, key: str) -> str:
-        return self._values[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._values)
-
-    def __len__(self) -> int:
-        return len(self._values)
+    __slots__ = ()
 
     def __repr__(self) -> str:
-        return f"Secrets(keys={sorted(self._values)!r})"
+        return f"Secrets(keys={sorted(self._data)!r})"
 
 
 # --------------------------------------------------------------------------- settings

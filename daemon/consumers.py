@@ -868,7 +868,13 @@ class ConsumerHub:
 
     async def serve_connection(self, stream: trio.SocketStream) -> None:
         """Serve one consumer on a connected stream socket (Unix, or a socketpair)."""
-        peer = _UnixPeer(self, stream)
+        try:
+            await self._run_peer(_UnixPeer(self, stream))
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _run_peer(self, peer: _Peer) -> None:
+        """Run one consumer to its end, whatever the endpoint; it is disconnected after."""
         try:
             await peer.run()
         except Exception:  # one consumer must never take the endpoint down (logged)
@@ -876,7 +882,6 @@ class ConsumerHub:
             peer.consumer.fail(Disconnect.PROTOCOL_ERROR, "internal error", error=False)
         finally:
             self.disconnect(peer.consumer)
-            await trio.aclose_forcefully(stream)
 
     async def serve_websocket(
         self,
@@ -924,14 +929,9 @@ class ConsumerHub:
             await request.reject(403, body=b"cross-origin consumers are not allowed\n")
             return
         ws = await request.accept()
-        peer = _WebSocketPeer(self, ws)
         try:
-            await peer.run()
-        except Exception:  # one consumer must never take the endpoint down (logged)
-            log.exception("consumer_failed", consumer=peer.consumer.number)
-            peer.consumer.fail(Disconnect.PROTOCOL_ERROR, "internal error", error=False)
+            await self._run_peer(_WebSocketPeer(self, ws))
         finally:
-            self.disconnect(peer.consumer)
             with trio.move_on_after(self.final_grace) as scope:
                 scope.shield = True
                 await ws.aclose()
