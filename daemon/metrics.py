@@ -121,14 +121,6 @@ class MetricsTarget(Protocol):
     def handshakes(self) -> trio.CapacityLimiter: ...
 
 
-def breaker_state(runner: SessionRunner) -> str:
-    """ "closed", "open" or "half-open" (one probe let through after the cool-down)."""
-    breaker = runner.breaker
-    if breaker.half_open:
-        return "half-open"
-    return "open" if breaker.opened_at is not None else "closed"
-
-
 def _label(value: str) -> str:
     return value.replace("\\", r"\\").replace('"', r"\"").replace("\n", r"\n")
 
@@ -178,13 +170,14 @@ class Metrics:
             add(f"wirekeep_start_time_seconds {target.started_at.timestamp():.3f}")
 
         runners = list(target.sessions.values())
-        by_state = Counter(r.model.state.name for r in runners)
+        # Durable states only: a transition shows once its COMMIT has returned.
+        by_state = Counter(r.durable.state.name for r in runners)
         head("sessions", "gauge", "Running sessions by state.")
         out.extend(f'wirekeep_sessions{{state="{s}"}} {by_state.get(s, 0)}' for s in _STATES)
 
         head("session_state", "gauge", "1 for the state each session is in, 0 for the others.")
         for r in runners:
-            current = r.model.state.name
+            current = r.durable.state.name
             prefix = f'wirekeep_session_state{{session="{r.name}",state="'
             out.extend(f'{prefix}{s}"}} {1 if s == current else 0}' for s in _STATES)
 
@@ -204,19 +197,17 @@ class Metrics:
         )
         head("session_attempt", "gauge", "Consecutive failed attempts (0 once streaming).")
         out.extend(
-            f'wirekeep_session_attempt{{session="{r.name}"}} {r.backoff.attempt}' for r in runners
+            f'wirekeep_session_attempt{{session="{r.name}"}} {r.durable.memory.attempt}'
+            for r in runners
         )
         head("session_breaker", "gauge", "1 for the circuit breaker's state, 0 for the others.")
         for r in runners:
-            b = r.breaker
-            current = (
-                "half-open" if b.half_open else "open" if b.opened_at is not None else "closed"
-            )
+            current = r.durable.breaker
             prefix = f'wirekeep_session_breaker{{session="{r.name}",state="'
             out.extend(f'{prefix}{s}"}} {1 if s == current else 0}' for s in _BREAKER)
         head("session_breaker_failures", "gauge", "Consecutive failures the breaker counts.")
         out.extend(
-            f'wirekeep_session_breaker_failures{{session="{r.name}"}} {r.breaker.failures}'
+            f'wirekeep_session_breaker_failures{{session="{r.name}"}} {r.durable.memory.failures}'
             for r in runners
         )
         head(
@@ -301,21 +292,21 @@ def health(
         runner = sessions.get(name)
         if runner is None:
             return 404, {"status": "unknown", "session": name}
-        state = runner.model.state
-        shown = runner.shown
+        durable = runner.durable
+        state, last = durable.state, durable.record
         body: dict[str, object] = {
             "status": "ok" if state is State.STREAMING else "unhealthy",
             "session": name,
             "state": state.name,
-            "since": shown.at.isoformat() if shown is not None else None,
-            "reason": shown.reason if shown is not None else "",
+            "since": durable.since.isoformat() if durable.since is not None else None,
+            "reason": last.reason if last is not None else "",
         }
         return (200 if state is State.STREAMING else 503), body
     paused = []
     not_streaming: dict[str, str] = {}
     streaming = 0
     for runner in sessions.values():
-        state = runner.model.state
+        state = runner.durable.state
         if state is State.STREAMING:
             streaming += 1
         elif state is State.PAUSED:

@@ -15,13 +15,12 @@ from datetime import datetime
 from typing import Any
 
 from daemon.store import EventStore, Snapshot, StoredEvent
-from statemachines.session import LEGAL, State
+from statemachines.memory import CARRIED, Memory, carry_forward
+from statemachines.session import LEGAL, State, begins_stay
+
+__all__ = ["CARRIED", "CorruptLog", "SessionView", "fold", "recover", "state_at", "verify_rows"]
 
 INITIAL = State.DISCONNECTED.name
-#: Detail keys that carry policy memory from event to event (see daemon.session):
-#: ``attempt`` (consecutive failed attempts) and ``failures`` (the breaker's count) are
-#: stated by failure, throttled, stable, shutdown and recover events.
-CARRIED = ("attempt", "failures", "endpoint_index")
 
 
 class CorruptLog(Exception):
@@ -34,7 +33,12 @@ class CorruptLog(Exception):
 
 @dataclass
 class SessionView:
-    """What replay knows about one session after folding its events."""
+    """What replay knows about one session after folding its events.
+
+    ``since`` is when the session entered ``state`` (self-loops do not move it); ``at``,
+    ``trigger``, ``reason`` and ``detail`` are those of its last event; ``carry`` holds
+    the carried policy memory (:mod:`statemachines.memory`).
+    """
 
     session: str
     state: str = INITIAL
@@ -44,6 +48,12 @@ class SessionView:
     reason: str = ""
     detail: Mapping[str, Any] = field(default_factory=dict)
     carry: dict[str, Any] = field(default_factory=dict)
+    at: datetime | None = None
+
+    @property
+    def memory(self) -> Memory:
+        """The policy memory a runner starts from."""
+        return Memory.recall(self.carry, self.detail)
 
     def apply(self, event: StoredEvent) -> None:
         check(
@@ -53,17 +63,19 @@ class SessionView:
             (event.version, event.trigger, event.source, event.dest),
             event,
         )
+        if self.since is None or begins_stay(event.trigger, event.source, event.dest):
+            self.since = event.at
         self.state = event.dest
         self.version = event.version
-        self.since = event.at
+        self.at = event.at
         self.trigger = event.trigger
         self.reason = event.reason
         self.detail = event.detail
-        for key in CARRIED:
-            if key in event.detail:
-                self.carry[key] = event.detail[key]
+        carry_forward(self.carry, event.detail)
 
     def snapshot(self) -> Snapshot:
+        """The view as a row of ``session_snapshots``: ``at`` is ``since``; the last
+        event's time is in the detail."""
         assert self.since is not None
         return Snapshot(
             self.session,
@@ -75,6 +87,7 @@ class SessionView:
                 "reason": self.reason,
                 "detail": dict(self.detail),
                 "carry": dict(self.carry),
+                "at": (self.at or self.since).isoformat(),
             },
         )
 
@@ -90,6 +103,7 @@ class SessionView:
             d.get("reason", ""),
             d.get("detail", {}),
             dict(d.get("carry", {})),
+            datetime.fromisoformat(d["at"]) if "at" in d else snap.at,
         )
 
     def as_json(self) -> dict[str, Any]:
@@ -137,11 +151,15 @@ def _row(row: Any) -> Mapping[str, Any]:
     return dict(row)
 
 
-def verify_rows(rows: Iterable[tuple[str, int, str, str, str]]) -> dict[str, tuple[str, int]]:
+def verify_rows(
+    rows: Iterable[tuple[str, int, str, str, str]], entered: dict[str, int] | None = None
+) -> dict[str, tuple[str, int]]:
     """The fast fold: (session, version, trigger, source, dest) rows in log order.
 
-    Returns each session's final (state, version). This is the replay hot path, so it
-    is one dict lookup per check and no objects per row.
+    Returns each session's final (state, version); ``entered``, if given, is filled with
+    the version of the event that entered each session's final state (its ``since``).
+    This is the replay hot path, so it is one dict lookup per check and no objects per
+    row.
     """
     legal = LEGAL
     states: dict[str, tuple[str, int]] = {}
@@ -152,6 +170,8 @@ def verify_rows(rows: Iterable[tuple[str, int, str, str, str]]) -> dict[str, tup
         if version != last + 1 or source != state or legal.get((source, trigger)) != dest:
             check(session, state, last, (version, trigger, source, dest), row)
         states[session] = (dest, version)
+        if entered is not None and (version == 1 or begins_stay(trigger, source, dest)):
+            entered[session] = version
     return states
 
 
@@ -196,15 +216,19 @@ def state_at(store: EventStore, at: datetime) -> dict[str, SessionView]:
     """The state of every session at instant ``at``, reconstructed (and verified) from the log.
 
     The whole history up to ``at`` is verified with the fast fold; the last event of
-    each session is then read in full for its reason and time.
+    each session is then read in full for its reason, and the event that entered its
+    state for ``since``.
     """
+    entered: dict[str, int] = {}
     with closing(store.iter_fold_rows(until=at)) as rows:
-        finals = verify_rows(rows)
+        finals = verify_rows(rows, entered)
     last = store.events_at({name: version for name, (_, version) in finals.items()})
+    entries = store.events_at(entered)
     views = {}
     for name, event in last.items():
         view = SessionView(
-            name, event.dest, event.version, event.at, event.trigger, event.reason, event.detail
-        )
+            name, event.dest, event.version, entries[name].at, event.trigger, event.reason,
+            event.detail, at=event.at,
+        )  # fmt: skip
         views[name] = view
     return dict(sorted(views.items()))

@@ -1,9 +1,13 @@
-"""One task per session: drive the session machine from network I/O and timers.
+"""One task per session: pump network I/O and timers, and ask the session's policy.
 
-The task never sets a state. It fires triggers on the shared machine, waits until the
-resulting event is durable (write-ahead), and only then acts on it and shows it
-(status, consumers). Timers run on Trio's clock (``trio.current_time``), so tests
-drive them with ``MockClock``; stored times come from the injected wall clock.
+The task decides nothing itself: what a command, silence, a failure, the first message,
+a probe result or a bug means is :class:`statemachines.decide.SessionPolicy`'s answer.
+The task fires the decision on the shared machine, waits until its event is durable
+(write-ahead), and only then publishes it: :attr:`SessionRunner.durable` (what status,
+metrics, ``/health`` and STATUS= read), the log line, and the consumer hub, in that one
+place. Readers never read ``model`` (it moves before the COMMIT). Timers run on Trio's
+clock (``trio.current_time``), so tests drive them with ``MockClock``; stored times come
+from the injected wall clock.
 
 Phases, by state:
 
@@ -13,23 +17,26 @@ Phases, by state:
   slot is a visible ``throttled`` transition), then ``start`` / ``retry`` / ``probe``.
 - CONNECTING: transport + handshake (``connected``), authentication, subscriptions;
   the handshake slot is given back once subscribed, or when the attempt fails.
-- AUTHENTICATED / STREAMING / STALE: read batches; silence moves STREAMING to STALE
-  after ``stale_after`` and ends the link after ``dead_after``; heartbeats run beside.
+- AUTHENTICATED / STREAMING / STALE: read batches; silence is reported to the policy
+  (STALE, then the end of the link); heartbeats run beside.
 - PAUSED: wait for ``resume``.
 
-Operator commands (pause, resume, reconnect) and lifecycle commands (shutdown,
-remove) interrupt whatever phase runs: they are queued, the phase's cancel scope is
-cancelled, and the task handles them between phases, so one task alone ever changes
-its model.
+Operator commands (pause, resume, reconnect) and lifecycle commands (shutdown, remove)
+that apply in the current state interrupt whatever phase runs: they are queued, the
+phase's cancel scope is cancelled, and the task handles them between phases, so one
+task alone ever changes its model. A command that does not apply ("not paused") is
+answered at once and interrupts nothing.
+
+An unexpected exception in the task (a bug) is logged with its traceback and becomes a
+transition (detail ``error_class = "internal"``) that counts as a failure: the session
+comes back through the backoff and the breaker, and no other session notices.
 """
 
 from __future__ import annotations
 
-import enum
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Protocol
 
 import structlog
@@ -39,12 +46,30 @@ from daemon.adapters.base import Adapter, AdapterError, AuthRejected, Batch, Con
 from daemon.config import SessionConfig
 from daemon.replay import SessionView
 from daemon.writer import EventSink
+from statemachines.decide import (
+    Answer,
+    CommandKind,
+    Decision,
+    Failure,
+    SessionPolicy,
+    Timing,
+    fmt_s,
+)
+from statemachines.memory import Memory
 from statemachines.policy import Backoff, CircuitBreaker, ConnectRateLimiter
-from statemachines.session import SessionMachine, SessionModel, State, TransitionRecord, Trigger
+from statemachines.session import (
+    WAITING,
+    SessionMachine,
+    SessionModel,
+    State,
+    TransitionRecord,
+    Trigger,
+)
+
+__all__ = ["CommandKind", "Durable", "NullPublisher", "Publisher", "SessionClocks", "SessionRunner"]
 
 log = structlog.get_logger("wirekeep.session")
 
-LIVE = frozenset({State.CONNECTING, State.AUTHENTICATED, State.STREAMING, State.STALE})
 #: How often a session on a fallback endpoint checks whether the primary is back.
 PRIMARY_PROBE_INTERVAL = 30.0
 
@@ -65,17 +90,6 @@ class NullPublisher:
         return
 
 
-class CommandKind(enum.Enum):
-    PAUSE = "pause"
-    RESUME = "resume"
-    RECONNECT = "reconnect"
-    SHUTDOWN = "shutdown"
-    REMOVE = "remove"
-    #: Hand the session over to a runner with new settings: ``reconnect`` if it has a
-    #: link or a pending attempt, nothing if it is paused or disconnected; then stop.
-    RECONFIGURE = "reconfigure"
-
-
 @dataclass(eq=False)
 class Command:
     kind: CommandKind
@@ -94,35 +108,66 @@ class SessionClocks:
     uniform: Callable[[], float]
 
 
-class _Silence(AdapterError):
-    """Nothing arrived for too long; ``trigger`` is what the silence means in this state."""
+@dataclass(frozen=True, slots=True)
+class Durable:
+    """What the log holds about a session: published after each COMMIT, never before.
 
-    def __init__(self, trigger: Trigger, reason: str) -> None:
-        super().__init__(reason, error_class="Silence")
-        self.trigger = trigger
+    ``since`` is when the session entered ``state`` (self-loops do not move it);
+    ``record`` the last durable event (None: nothing yet); ``breaker`` "closed", "open"
+    or "half-open"; ``wait_until`` the end of the current BACKOFF / CIRCUIT_OPEN wait;
+    ``throttled_until`` set while a throttled attempt waits for its connect slot.
+    """
+
+    state: State
+    version: int
+    since: datetime | None
+    record: TransitionRecord | None
+    memory: Memory
+    breaker: str
+    wait_until: datetime | None
+    throttled_until: datetime | None
+    last_error: str | None
+
+
+class _Silence(AdapterError):
+    """Nothing arrived for too long, and the policy says the link is over."""
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.reason, error_class=failure.error_class)
+        self.failure = failure
 
 
 @dataclass
 class _Link:
     """Why the current link ended; the first reason wins and stops the reader."""
 
-    trigger: Trigger | None = None
-    failure: AdapterError | None = None
+    failure: Failure | None = None
+    failback: bool = False
     reader: trio.CancelScope | None = None
 
-    def end(self, trigger: Trigger, failure: AdapterError | None) -> None:
-        if self.trigger is None:
-            self.trigger, self.failure = trigger, failure
+    @property
+    def ended(self) -> bool:
+        return self.failure is not None or self.failback
+
+    def end(self, failure: Failure | None) -> None:
+        """End with ``failure``, or (None) to fail back to the primary."""
+        if not self.ended:
+            self.failure, self.failback = failure, failure is None
         if self.reader is not None:
             self.reader.cancel()
 
 
-def _first_leaf(group: BaseExceptionGroup[AdapterError]) -> AdapterError:
-    leaf: BaseException = group
-    while isinstance(leaf, BaseExceptionGroup):
-        leaf = leaf.exceptions[0]
-    assert isinstance(leaf, AdapterError)
-    return leaf
+def _failure(exc: AdapterError) -> Failure:
+    if isinstance(exc, _Silence):
+        return exc.failure
+    trigger = Trigger.AUTH_REJECTED if isinstance(exc, AuthRejected) else Trigger.LOST
+    return Failure(trigger, exc.reason, exc.error_class)
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 class SessionRunner:
@@ -157,64 +202,104 @@ class SessionRunner:
         self._handshakes = handshakes
         #: "" | "queued" (waiting for a slot) | "in progress" (holding one): for status.
         self.handshake = ""
-        self.backoff = Backoff(config.backoff, clocks.uniform)
-        self.breaker = CircuitBreaker(config.circuit)
+        memory = recovered.memory if recovered is not None else Memory()
+        self.policy = SessionPolicy(
+            config.endpoints, backoff=config.backoff, circuit=config.circuit,
+            timing=Timing(config.stale_after, config.dead_after), uniform=clocks.uniform,
+            memory=memory,
+        )  # fmt: skip
         self.model = machine.register(SessionModel(self.name))
         self._commands: list[Command] = []
         self._phase: trio.CancelScope | None = None
         self._interrupt: trio.CancelScope | None = None
-        self._stable_noted = False
         self._stopping = False
         self.finished = trio.Event()
-        # What status shows: updated only once the transition is durable.
+        # The last durable event (kept for its readers; ``durable`` has the rest).
         self.shown: TransitionRecord | None = None
-        #: Set (and replaced) whenever ``shown`` changes: for watchers and tests.
+        #: Set (and replaced) whenever ``durable`` changes: for watchers and tests.
         self.changed = trio.Event()
-        self.endpoint_index = 0
         self.endpoint: str | None = None
-        self.last_error: str | None = None
         self.last_venue_error: str | None = None
-        self.throttled_until: datetime | None = None
-        self.wait_until: datetime | None = None
         self.last_message_at: float | None = None  # trio time
         self.messages = 0
         self.connected_at: float | None = None
         self.disconnected_at: float | None = None
         self._resume_at: float | None = None  # trio time the current BACKOFF/OPEN wait ends
+        self.durable = Durable(
+            State.DISCONNECTED, 0, None, None, memory, "closed", None, None, None
+        )
         if recovered is not None:
-            self._restore(recovered)
+            self._restore(recovered, memory)
+
+    # Policy memory, as the policy holds it now (status and metrics read ``durable``).
+    @property
+    def backoff(self) -> Backoff:
+        return self.policy.backoff
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        return self.policy.breaker
+
+    @property
+    def endpoint_index(self) -> int:
+        return self.policy.endpoint_index
+
+    # What status shows: durable, like the state.
+    @property
+    def last_error(self) -> str | None:
+        return self.durable.last_error
+
+    @property
+    def wait_until(self) -> datetime | None:
+        return self.durable.wait_until
+
+    @property
+    def throttled_until(self) -> datetime | None:
+        return self.durable.throttled_until
 
     # -- recovery ------------------------------------------------------------------
 
-    def _restore(self, view: SessionView) -> None:
+    def _restore(self, view: SessionView, memory: Memory) -> None:
         """Take over the state a previous run left in the log."""
-        self.model.state = State[view.state]
-        self.model.version = view.version
-        self.model.since = view.since
-        self.backoff.attempt = int(view.carry.get("attempt", 0))
-        self.breaker.failures = int(view.carry.get("failures", 0))
-        self.endpoint_index = int(view.carry.get("endpoint_index", 0)) % len(self.config.endpoints)
-        self.last_error = view.detail.get("error") if view.detail else None
-        deadline = _parse_deadline(view.detail.get("deadline")) if view.detail else None
-        if deadline is not None and self.model.state in (State.BACKOFF, State.CIRCUIT_OPEN):
-            remaining = max(0.0, (deadline - self._clocks.wall()).total_seconds())
+        model = self.model
+        model.state = State[view.state]
+        model.version = view.version
+        model.since = view.since
+        wait_until = None
+        if memory.deadline is not None and model.state in WAITING:
+            remaining = max(0.0, (memory.deadline - self._clocks.wall()).total_seconds())
             self._resume_at = trio.current_time() + remaining
-            self.wait_until = deadline
-            if self.model.state is State.CIRCUIT_OPEN:
-                self.breaker.open_until(trio.current_time() + remaining)
-        if view.since is not None:
+            wait_until = memory.deadline
+            if model.state is State.CIRCUIT_OPEN:
+                self.policy.restore_open(remaining, trio.current_time())
+        if view.version:
+            at = view.at or view.since
+            assert at is not None
             self.shown = TransitionRecord(
-                self.name, view.version, view.since, view.trigger or "", view.state,
-                view.state, view.reason, dict(view.detail),
+                self.name, view.version, at, view.trigger or "", view.state, view.state,
+                view.reason, dict(view.detail),
             )  # fmt: skip
+        error = view.detail.get("error")
+        self.durable = Durable(
+            model.state, model.version, model.since, self.shown, memory,
+            self.policy.breaker_state(), wait_until, None,
+            error if isinstance(error, str) else None,
+        )  # fmt: skip
 
     # -- commands ------------------------------------------------------------------
 
     async def command(self, kind: CommandKind, reason: str, **detail: Any) -> str:
-        """Queue an operator or lifecycle command; returns what the session did."""
-        cmd = Command(kind, reason, detail)
+        """Ask for an operator or lifecycle command; returns what the session did.
+
+        One that does not apply in the current state is answered at once ("not paused")
+        and interrupts nothing; one that does is queued and interrupts the phase.
+        """
         if self.finished.is_set():
             return "session is not running"
+        refused = self.policy.refusal(self.model.state, kind)
+        if refused is not None:
+            return refused
+        cmd = Command(kind, reason, detail)
         self._commands.append(cmd)
         # Inside a connection, only its body is cancelled: the adapter's reader stays
         # alive while the link closes politely.
@@ -228,62 +313,65 @@ class SessionRunner:
         commands, self._commands = self._commands, []
         return commands
 
-    async def _handle(self, cmd: Command) -> None:
-        state = self.model.state
-        kind = cmd.kind
-        if kind is CommandKind.PAUSE:
-            if state is State.PAUSED:
-                cmd.result = "already PAUSED"
-            else:
-                await self._fire(Trigger.PAUSE, cmd.reason, **cmd.detail)
-                cmd.result = "paused"
-        elif kind is CommandKind.RESUME:
-            if state is not State.PAUSED:
-                cmd.result = f"not paused (it is {state.name})"
-            else:
-                await self._fire(Trigger.RESUME, cmd.reason, **cmd.detail)
-                self.backoff.reset()
-                self.breaker.reset()
-                cmd.result = "resumed"
-        elif kind is CommandKind.RECONNECT:
-            if state in (State.PAUSED, State.DISCONNECTED):
-                cmd.result = f"nothing to reconnect (it is {state.name})"
-            else:
-                await self._fire(Trigger.RECONNECT, cmd.reason, **cmd.detail)
-                self.breaker.half_open = False
-                self._resume_at = None
-                cmd.result = "reconnecting"
-        elif kind is CommandKind.SHUTDOWN:
+    async def _handle_commands(self) -> None:
+        commands = self._take_commands()
+        for i, cmd in enumerate(commands):
+            try:
+                answer = await self._handle(cmd)
+                cmd.result = answer.result
+            except BaseException:
+                cmd.result = "failed: internal error"
+                self._commands[:0] = commands[i + 1 :]  # the next turn answers them
+                raise
+            finally:
+                cmd.done.set()
+
+    async def _handle(self, cmd: Command) -> Answer:
+        answer = self.policy.command(self.model.state, cmd.kind, cmd.reason, cmd.detail)
+        if answer.decision is not None:
+            await self._apply(answer.decision)
+        if answer.stop:
             self._stopping = True
-            if state in LIVE:
-                await self._fire(
-                    Trigger.SHUTDOWN, cmd.reason, attempt=self.backoff.attempt,
-                    failures=self.breaker.failures,
-                )  # fmt: skip
-            cmd.result = "stopped"
-        elif kind is CommandKind.RECONFIGURE:
-            self._stopping = True
-            if state not in (State.PAUSED, State.DISCONNECTED):
-                await self._fire(Trigger.RECONNECT, cmd.reason, **cmd.detail)
-            cmd.result = "reconfigured"
-        elif kind is CommandKind.REMOVE:
-            self._stopping = True
-            await self._fire(Trigger.REMOVE, cmd.reason, **cmd.detail)
-            cmd.result = "removed"
-        cmd.done.set()
+        return answer
 
     # -- transitions -----------------------------------------------------------------
 
-    async def _fire(self, trigger: Trigger, reason: str, **detail: Any) -> TransitionRecord:
-        """Fire, persist (write-ahead), then show."""
+    async def _apply(self, decision: Decision) -> TransitionRecord:
+        """Fire the decision, persist it (write-ahead), then publish it."""
+        model = self.model
+        now, since = trio.current_time(), model.since
         record = self._machine.fire(
-            self.model, trigger, at=self._clocks.wall(), reason=reason, detail=detail
-        )
-        # Shielded: once the model moved, its event must be queued and acknowledged even
-        # if an operator command cancels the phase meanwhile.
-        with trio.CancelScope(shield=True):
-            await self._sink.append(record)
+            model, decision.trigger, at=self._clocks.wall(), reason=decision.reason,
+            detail=decision.detail,
+        )  # fmt: skip
+        try:
+            # Shielded: once the model moved, its event must be queued and acknowledged
+            # even if an operator command cancels the phase meanwhile.
+            with trio.CancelScope(shield=True):
+                await self._sink.append(record)
+        except BaseException:
+            self._machine.revert(model, record, since)  # not durable: it did not happen
+            raise
+        self._resume_at = None if decision.wait is None else now + decision.wait
+        self._publish(record, decision)
+        return record
+
+    def _publish(self, record: TransitionRecord, decision: Decision) -> None:
+        """The one after-COMMIT step: every observer learns of the transition here."""
+        before = self.durable
+        error = record.detail.get("error")
         self.shown = record
+        self.durable = Durable(
+            state=self.model.state,
+            version=record.version,
+            since=self.model.since,
+            record=record,
+            memory=self.policy.memory(decision.deadline),
+            breaker=self.policy.breaker_state(),
+            wait_until=decision.deadline,
+            throttled_until=decision.deadline if decision.trigger is Trigger.THROTTLED else None,
+            last_error=error if isinstance(error, str) else before.last_error,
+        )
         changed, self.changed = self.changed, trio.Event()
         changed.set()
         log.info(
@@ -292,42 +380,29 @@ class SessionRunner:
             source=record.source,
             trigger=record.trigger,
             dest=record.dest,
-            reason=reason,
+            reason=record.reason,
             version=record.version,
         )
         self._publisher.transition(record)
-        return record
-
-    def _deadline_in(self, seconds: float) -> datetime:
-        return self._clocks.wall() + timedelta(seconds=seconds)
 
     # -- the task --------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         structlog.contextvars.bind_contextvars(session=self.name)
         try:
-            if self.model.state in LIVE:
-                # The previous run ended (crashed) while this session was live.
-                await self._fire(
-                    Trigger.RECOVER, "daemon restarted", attempt=self.backoff.attempt,
-                    failures=self.breaker.failures,
-                )  # fmt: skip
+            # The previous run ended (crashed) while this session was live.
+            recover = self.policy.recover(self.model.state)
+            if recover is not None:
+                await self._apply(recover)
             task_status.started()
-            while True:
-                for cmd in self._take_commands():
-                    await self._handle(cmd)
-                if self.model.state is not State.CONNECTING:
-                    # A slot is held from ``start`` to subscribed; a phase or a command
-                    # (a pause right after ``start``) may have ended the attempt first.
-                    self._release_handshake()
-                if self._stopping:
-                    return
-                with trio.CancelScope() as scope:
-                    self._phase = scope
-                    if self._commands:
-                        scope.cancel()
-                    await self._run_phase()
-                self._phase = None
+            while not self._stopping:
+                try:
+                    await self._turn()
+                except Exception as exc:  # a bug: contained to this session
+                    log.exception("session_fault", session=self.name)
+                    await self._fault(exc)
+        except Exception:  # even the fault could not be recorded: this session stops
+            log.exception("session_stopped", session=self.name)
         finally:
             self._phase = None
             self._release_handshake()
@@ -337,28 +412,51 @@ class SessionRunner:
             self.finished.set()
             self._machine.unregister(self.model)
 
+    async def _turn(self) -> None:
+        """Commands first, then one phase of the current state."""
+        await self._handle_commands()
+        if self.model.state is not State.CONNECTING:
+            # A slot is held from ``start`` to subscribed; a phase or a command (a pause
+            # right after ``start``) may have ended the attempt first.
+            self._release_handshake()
+        if self._stopping:
+            return
+        with trio.CancelScope() as scope:
+            self._phase = scope
+            if self._commands:
+                scope.cancel()
+            try:
+                await self._run_phase()
+            finally:
+                self._phase = None
+
+    async def _fault(self, exc: Exception) -> None:
+        """A bug in this session's task: recorded, and paced by the backoff (see
+        :meth:`SessionPolicy.fault`)."""
+        leaf = _first_leaf(exc)
+        self._release_handshake()
+        decision = self.policy.fault(
+            self.model.state, f"{type(leaf).__name__}: {leaf}",
+            now=trio.current_time(), wall=self._clocks.wall(),
+        )  # fmt: skip
+        await self._apply(decision)
+
     async def _run_phase(self) -> None:
         state = self.model.state
-        if state is State.DISCONNECTED:
-            await self._begin_attempt(Trigger.START)
-        elif state is State.BACKOFF:
-            await self._sleep_until_resume()
-            await self._begin_attempt(Trigger.RETRY)
-        elif state is State.CIRCUIT_OPEN:
-            await self._sleep_until_resume()
-            await self._begin_attempt(Trigger.PROBE)
-        elif state is State.PAUSED:
+        if state is State.PAUSED:
             await trio.sleep_forever()
         elif state is State.CONNECTING:
             await self._connection()
-        else:  # pragma: no cover - a live state outside a connection cannot be entered
+        elif state in (State.DISCONNECTED, *WAITING):
+            await self._sleep_until_resume()
+            await self._begin_attempt()
+        else:  # a live state outside a connection cannot be entered: a bug if it is
             raise AssertionError(f"{self.name}: no phase for {state.name}")
 
     async def _sleep_until_resume(self) -> None:
         if self._resume_at is not None:
             await trio.sleep_until(self._resume_at)
         self._resume_at = None
-        self.wait_until = None
 
     async def _take_handshake(self) -> None:
         """Wait for a daemon-wide handshake slot (FIFO); held until subscribed or failed."""
@@ -378,7 +476,7 @@ class SessionRunner:
             self._handshakes.release_on_behalf_of(self)
         self.handshake = ""
 
-    async def _begin_attempt(self, trigger: Trigger) -> None:
+    async def _begin_attempt(self) -> None:
         """Take a handshake slot, then a connect slot for the endpoint's host, or wait for
         one visibly.
 
@@ -386,41 +484,20 @@ class SessionRunner:
         queue, it would let queued attempts reach the host later in a burst.
         """
         await self._take_handshake()
-        url = self.config.endpoints[self.endpoint_index]
+        url = self.policy.endpoint
         wait = self._limiters(url).try_acquire(trio.current_time())
         if wait > 0.0:
             self._release_handshake()  # nothing to do until then: let others go
-            host = self.config.host_key(url)
-            until = self._deadline_in(wait)
-            self.throttled_until = until
-            self.wait_until = until
-            budget = self.config.connect_rate
-            await self._fire(
-                Trigger.THROTTLED,
-                f"connect rate limit for {host} ({budget.per_host} per "
-                f"{_fmt_s(budget.window)}): next slot in {_fmt_s(wait)}",
-                throttled=True, delay=round(wait, 3), deadline=until.isoformat(), host=host,
-                attempt=self.backoff.attempt, failures=self.breaker.failures,
-            )  # fmt: skip
-            self._resume_at = trio.current_time() + wait
-            return
-        self.throttled_until = None
-        if trigger is Trigger.PROBE:
-            self.breaker.probe()
-        reason = {
-            Trigger.START: "starting",
-            Trigger.RETRY: "backoff elapsed",
-            Trigger.PROBE: "cool-down over: half-open probe",
-        }[trigger]
-        await self._fire(
-            trigger, f"{reason}: connecting to {url}", endpoint=url,
-            endpoint_index=self.endpoint_index,
+        decision = self.policy.attempt(
+            self.model.state, wait=wait, host=self.config.host_key(url),
+            rate=self.config.connect_rate, wall=self._clocks.wall(),
         )  # fmt: skip
+        await self._apply(decision)
 
     # -- one connection ------------------------------------------------------------------
 
     async def _connection(self) -> None:
-        url = self.config.endpoints[self.endpoint_index]
+        url = self.policy.endpoint
         self.endpoint = url
         link = _Link()
         try:
@@ -431,22 +508,19 @@ class SessionRunner:
                     with body:
                         await self._take_handshake()  # held since the attempt began
                         conn = await self._open(nursery, url)
-                        await self._fire(
-                            Trigger.CONNECTED, f"connected to {url}", endpoint=url,
-                            endpoint_index=self.endpoint_index,
-                        )  # fmt: skip
+                        index = self.policy.endpoint_index
+                        connected = {"endpoint": url, "endpoint_index": index}
+                        await self._apply(
+                            Decision(Trigger.CONNECTED, f"connected to {url}", connected)
+                        )
                         await self._authenticate(conn)
                         await self._subscribe(conn)
                         self._release_handshake()
                         self.connected_at = trio.current_time()
-                        self._stable_noted = False
+                        self.policy.link_up()
                         await self._stream(nursery, conn, link)
-                except AuthRejected as exc:
-                    link.end(Trigger.AUTH_REJECTED, exc)
-                except _Silence as exc:
-                    link.end(exc.trigger, exc)
                 except AdapterError as exc:
-                    link.end(Trigger.LOST, exc)
+                    link.end(_failure(exc))
                 finally:
                     self._interrupt = None
                     self._release_handshake()
@@ -455,28 +529,26 @@ class SessionRunner:
                             await conn.aclose()
                     nursery.cancel_scope.cancel()
         except* AdapterError as group:  # raised by an adapter's own background task
-            link.end(Trigger.LOST, _first_leaf(group))
-        if link.trigger is None:
+            leaf = _first_leaf(group)
+            assert isinstance(leaf, AdapterError)
+            link.end(_failure(leaf))
+        if not link.ended:
             return
         self.disconnected_at = trio.current_time()
-        if link.trigger is Trigger.FAILBACK:
-            primary = self.config.endpoints[0]
-            self.endpoint_index = 0
-            await self._fire(
-                Trigger.FAILBACK,
-                f"primary endpoint {primary} healthy again: leaving fallback {url}",
-                endpoint=url, endpoint_index=0,
-            )  # fmt: skip
+        if link.failure is None:
+            await self._apply(self.policy.failback())
             return
-        assert link.failure is not None
-        await self._fail(link.trigger, link.failure)
+        decision = self.policy.failure(
+            link.failure, now=trio.current_time(), wall=self._clocks.wall()
+        )
+        await self._apply(decision)
 
     async def _open(self, nursery: trio.Nursery, url: str) -> Connection:
         timeout = self.config.connect_timeout
         with trio.move_on_after(timeout):
             return await self._adapter.connect(nursery, self._resolve_url(url))
         raise AdapterError(
-            f"connect to {url} timed out after {_fmt_s(timeout)}", error_class="ConnectTimeout"
+            f"connect to {url} timed out after {fmt_s(timeout)}", error_class="ConnectTimeout"
         )
 
     async def _authenticate(self, conn: Connection) -> None:
@@ -486,9 +558,11 @@ class SessionRunner:
             await conn.authenticate()
         if scope.cancelled_caught:
             raise AdapterError(
-                f"no authentication reply within {_fmt_s(timeout)}", error_class="AuthTimeout"
+                f"no authentication reply within {fmt_s(timeout)}", error_class="AuthTimeout"
             )
-        await self._fire(Trigger.AUTHENTICATED, "authenticated", endpoint=conn.endpoint)
+        await self._apply(
+            Decision(Trigger.AUTHENTICATED, "authenticated", {"endpoint": conn.endpoint})
+        )
 
     async def _subscribe(self, conn: Connection) -> None:
         """Send the subscriptions; a venue that confirms them must do so within
@@ -498,80 +572,49 @@ class SessionRunner:
             await conn.subscribe()
         if scope.cancelled_caught:
             raise AdapterError(
-                f"no subscription reply within {_fmt_s(timeout)}", error_class="SubscribeTimeout"
+                f"no subscription reply within {fmt_s(timeout)}", error_class="SubscribeTimeout"
             )
 
     async def _stream(self, nursery: trio.Nursery, conn: Connection, link: _Link) -> None:
-        """Read until the link fails, goes silent for dead_after, or is told to end."""
+        """Read until the link fails, goes silent for good, or is told to end."""
         with trio.CancelScope() as reader:
             link.reader = reader
             nursery.start_soon(self._heartbeats, conn, link)
-            if self.endpoint_index != 0:
+            if self.policy.endpoint_index != 0:
                 nursery.start_soon(self._watch_primary, link)
             await self._read(conn)
         # Ended by a sibling (heartbeat failure, primary healthy): link says why.
 
     async def _read(self, conn: Connection) -> None:
-        cfg = self.config
+        policy = self.policy
         publisher = self._publisher
         wall_ns = self._clocks.wall_ns
         last = trio.current_time()
         self.last_message_at = None
         while True:
-            window = cfg.stale_after if self.model.state is State.STREAMING else cfg.dead_after
+            window = policy.silence_window(self.model.state)
             with trio.CancelScope(deadline=last + window) as silence:
                 while True:
                     batch = await conn.receive_batch()
                     now = trio.current_time()
                     if self.model.state is not State.STREAMING:
-                        await self._first_message(now, last)
-                    silence.deadline = now + cfg.stale_after
+                        decision = policy.message(self.model.state, now, now - last)
+                        if decision is not None:
+                            await self._apply(decision)
+                    silence.deadline = now + policy.timing.stale_after
                     last = self.last_message_at = now
                     self.messages += len(batch)
                     if batch.errors:
                         self.last_venue_error = batch.errors[-1]
                     if batch.messages:
                         publisher.data(self.name, batch, wall_ns())
-                    if not self._stable_noted and self.backoff.is_stable(now):
-                        await self._stable()
-            silent_for = trio.current_time() - last
-            state = self.model.state
-            if state is State.STREAMING:
-                await self._fire(
-                    Trigger.STALE, f"no data for {_fmt_s(silent_for)}",
-                    silent_s=round(silent_for, 3),
-                )  # fmt: skip
-                continue
-            if state is State.STALE:
-                raise _Silence(
-                    Trigger.DEAD, f"no data for {_fmt_s(silent_for)}: link presumed dead"
-                )
-            raise _Silence(Trigger.LOST, f"no message within {_fmt_s(silent_for)} of subscribing")
-
-    async def _stable(self) -> None:
-        """Streamed for reset_after: forget the failures, and say so in the log, so that
-        replay (and a restart) knows the counts were reset."""
-        self._stable_noted = True
-        had = (self.backoff.attempt, self.breaker.failures)
-        self.backoff.attempt = 0
-        self.breaker.on_stable()
-        if had != (0, 0) and self.model.state is State.STREAMING:
-            window = self.config.backoff.reset_after
-            await self._fire(
-                Trigger.STABLE, f"streaming for {_fmt_s(window)}: failure counts reset",
-                attempt=0, failures=0,
-            )  # fmt: skip
-
-    async def _first_message(self, now: float, last: float) -> None:
-        if self.model.state is State.AUTHENTICATED:
-            await self._fire(Trigger.DATA, "first message after subscribing")
-            self.breaker.on_streaming()
-            self.backoff.on_streaming(now)
-        else:  # STALE
-            gap = now - last
-            await self._fire(
-                Trigger.DATA, f"data resumed after {_fmt_s(gap)} of silence", gap_s=round(gap, 3)
-            )
+                    stable = policy.stable(self.model.state, now)
+                    if stable is not None:
+                        await self._apply(stable)
+            verdict = policy.silence(self.model.state, trio.current_time() - last)
+            if isinstance(verdict, Failure):
+                raise _Silence(verdict)
+            await self._apply(verdict)
 
     async def _heartbeats(self, conn: Connection, link: _Link) -> None:
         interval = self.config.heartbeat_interval
@@ -580,18 +623,19 @@ class SessionRunner:
             try:
                 await conn.heartbeat()
             except AdapterError as exc:
-                link.end(Trigger.LOST, exc)
+                link.end(_failure(exc))
                 return
 
     async def _watch_primary(self, link: _Link) -> None:
-        """On a fallback: probe the primary now and then; leave the fallback once it answers."""
+        """On a fallback: probe the primary now and then; leave the fallback once it
+        answers and the policy agrees."""
         primary = self.config.endpoints[0]
         while True:
             await trio.sleep(PRIMARY_PROBE_INTERVAL)
             if self._limiters(primary).try_acquire(trio.current_time()) > 0.0:
                 continue  # no connect slot to spare for a probe now
-            if await self._probe(primary):
-                link.end(Trigger.FAILBACK, None)
+            if await self._probe(primary) and self.policy.may_fail_back(self.model.state):
+                link.end(None)
                 return
 
     async def _probe(self, url: str) -> bool:
@@ -607,59 +651,9 @@ class SessionRunner:
             finally:
                 nursery.cancel_scope.cancel()
 
-    async def _fail(self, trigger: Trigger, failure: AdapterError) -> None:
-        now = trio.current_time()
-        self.last_error = failure.reason
-        url = self.config.endpoints[self.endpoint_index]
-        attempt, delay = self.backoff.on_failure(now)
-        tripped = self.breaker.on_failure(now)
-        endpoints = self.config.endpoints
-        self.endpoint_index = (self.endpoint_index + 1) % len(endpoints)
-        common = {
-            "error": failure.reason,
-            "error_class": failure.error_class,
-            "endpoint": url,
-            "endpoint_index": self.endpoint_index,
-            "attempt": attempt,
-            "failures": self.breaker.failures,
-        }
-        if tripped:
-            cooldown = self.config.circuit.cooldown
-            until = self._deadline_in(cooldown)
-            self._resume_at = now + cooldown
-            self.wait_until = until
-            await self._fire(
-                Trigger.TRIP,
-                f"{failure.reason}; circuit open for {_fmt_s(cooldown)} after "
-                f"{self.breaker.failures} consecutive failures",
-                cooldown=cooldown, deadline=until.isoformat(), **common,
-            )  # fmt: skip
-            return
-        until = self._deadline_in(delay)
-        self._resume_at = now + delay
-        self.wait_until = until
-        await self._fire(
-            trigger, failure.reason, delay=round(delay, 3), deadline=until.isoformat(), **common
-        )
-
     # -- status --------------------------------------------------------------------------
 
     def seconds_since_last_message(self) -> float | None:
         if self.last_message_at is None:
             return None
         return max(0.0, trio.current_time() - self.last_message_at)
-
-
-def _fmt_s(seconds: float) -> str:
-    if math.isinf(seconds):
-        return "ever"
-    return f"{seconds:.1f} s"
-
-
-def _parse_deadline(value: object) -> datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        return datetime.fromisoformat(value)
-    except ValueError:
-        return None

@@ -57,6 +57,7 @@ class Trigger(enum.StrEnum):
     SHUTDOWN = "shutdown"
     RECOVER = "recover"
     REMOVE = "remove"
+    FAULT = "fault"
 
 
 D = State.DISCONNECTED
@@ -70,6 +71,10 @@ P = State.PAUSED
 
 #: States in which a transport exists (or is being set up).
 LIVE: Final = frozenset({C, A, S, T})
+#: States in which the link carries the venue's stream (consumers see it flowing).
+FLOWING: Final = frozenset({S, T})
+#: States that wait out a deadline before the next attempt.
+WAITING: Final = frozenset({B, O})
 #: Every state but PAUSED.
 NOT_PAUSED: Final = frozenset(State) - {P}
 
@@ -103,15 +108,23 @@ TRANSITIONS: Final[tuple[Edge, ...]] = (
     _edge(Trigger.THROTTLED, [D, B], B, "no connect token for the host: waiting for one"),
     _edge(Trigger.THROTTLED, [O], O, "cool-down over, but no connect token for the probe yet"),
     _edge(Trigger.RETRY, [B], C, "backoff elapsed (a connect token was available)"),
-    _edge(Trigger.TRIP, [C, A, S, T], O, "a failure reached the breaker's threshold"),
+    _edge(Trigger.TRIP, [D, C, A, S, T, B], O, "a failure reached the breaker's threshold"),
     _edge(Trigger.PROBE, [O], C, "cool-down over: one half-open probe"),
     _edge(Trigger.PAUSE, NOT_PAUSED, P, "an operator paused the session"),
     _edge(Trigger.RESUME, [P], D, "an operator resumed the session"),
     _edge(Trigger.RECONNECT, [C, A, S, T, B, O], D, "an operator asked for a fresh connection"),
-    _edge(Trigger.FAILBACK, [S, T], D, "the primary endpoint is healthy again: leave the fallback"),
+    _edge(
+        Trigger.FAILBACK,
+        [A, S, T],
+        D,
+        "the primary endpoint is healthy again: leave the fallback",
+    ),
     _edge(Trigger.SHUTDOWN, LIVE, D, "the daemon is stopping cleanly"),
     _edge(Trigger.RECOVER, LIVE, D, "the daemon restarted after the session was left live"),
     _edge(Trigger.REMOVE, State, D, "the session was removed from the configuration"),
+    _edge(Trigger.FAULT, [D, B], B, "an internal error (a bug): counted as a failure, retried"),
+    _edge(Trigger.FAULT, [O], O, "an internal error while the circuit is open: cool-down again"),
+    _edge(Trigger.FAULT, [P], P, "an internal error while paused: it stays paused"),
 )
 
 
@@ -128,6 +141,16 @@ def _legal_table(edges: Iterable[Edge]) -> Mapping[tuple[str, str], str]:
 
 #: ``(source name, trigger) -> dest name``: the table as replay reads it.
 LEGAL: Final[Mapping[tuple[str, str], str]] = _legal_table(TRANSITIONS)
+
+
+def begins_stay(trigger: str, source: str, dest: str) -> bool:
+    """Does this event enter its state, rather than loop in it?
+
+    ``since`` (status, ``replay --at``, consumer notices) is when the session entered
+    its state: self-loops (``connected``, ``stable``, ``throttled`` in CIRCUIT_OPEN, ...)
+    do not move it. ``remove`` always begins a stay: the session was gone after it.
+    """
+    return source != dest or trigger == Trigger.REMOVE
 
 
 class IllegalTransition(Exception):
@@ -155,7 +178,11 @@ class TransitionRecord:
 
 
 class SessionModel:
-    """The per-session model registered on the shared machine. Small on purpose."""
+    """The per-session model registered on the shared machine. Small on purpose.
+
+    ``since`` is when the session entered ``state`` (see :func:`begins_stay`). The model
+    moves before the event's COMMIT: observers read what the runner publishes after it.
+    """
 
     __slots__ = ("name", "since", "state", "version")
 
@@ -278,7 +305,8 @@ class SessionMachine:
         except (MachineError, KeyError):
             raise IllegalTransition(model.name, source, name) from None
         model.version += 1
-        model.since = at
+        if model.since is None or begins_stay(name, source.name, model.state.name):
+            model.since = at
         return TransitionRecord(
             session=model.name,
             version=model.version,
@@ -289,6 +317,13 @@ class SessionMachine:
             reason=reason,
             detail=dict(detail or {}),
         )
+
+    def revert(self, model: SessionModel, record: TransitionRecord, since: datetime | None) -> None:
+        """``record`` never became durable (its append failed): put ``model`` back where
+        it was, so that the next event follows the last one the log holds."""
+        model.state = State[record.source]
+        model.version = record.version - 1
+        model.since = since
 
 
 def edges() -> Iterator[tuple[State, Trigger, State]]:

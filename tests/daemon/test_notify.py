@@ -128,9 +128,11 @@ async def test_watchdog_cadence_and_withheld_while_the_writer_is_stuck(
 def test_status_summary() -> None:
     class R:
         def __init__(self, state: str) -> None:
-            from statemachines.session import SessionModel, State
+            from types import SimpleNamespace
 
-            self.model = SessionModel("x", State[state])
+            from statemachines.session import State
+
+            self.durable = SimpleNamespace(state=State[state])  # what the log holds
 
     sessions = {"a": R("STREAMING"), "b": R("STREAMING"), "c": R("BACKOFF")}
     assert state_summary(sessions) == "3 sessions: 2 STREAMING, 1 BACKOFF"  # type: ignore[arg-type]

@@ -39,6 +39,7 @@ WEIGHTS = {
     Trigger.SHUTDOWN: 0.1,
     Trigger.RECOVER: 0.1,
     Trigger.FAILBACK: 0.2,
+    Trigger.FAULT: 0.1,
     Trigger.RESUME: 3.0,
     Trigger.DATA: 3.0,
 }
@@ -63,6 +64,7 @@ REASONS = {
     Trigger.SHUTDOWN: "daemon stopping",
     Trigger.RECOVER: "daemon restarted",
     Trigger.REMOVE: "removed from the configuration",
+    Trigger.FAULT: "internal error: RuntimeError: boom",
 }
 
 
@@ -78,8 +80,10 @@ class Walk:
     machine: SessionMachine = field(default_factory=SessionMachine)
     models: dict[str, SessionModel] = field(default_factory=dict)
     records: list[TransitionRecord] = field(default_factory=list)
-    #: per session: (at, dest, version, reason, trigger) after each event
-    history: dict[str, list[tuple[datetime, str, int, str, str]]] = field(default_factory=dict)
+    #: per session: (at, dest, version, reason, trigger, since) after each event
+    history: dict[str, list[tuple[datetime, str, int, str, str, datetime]]] = field(
+        default_factory=dict
+    )
     carry: dict[str, dict[str, Any]] = field(default_factory=dict)
     last_detail: dict[str, dict[str, Any]] = field(default_factory=dict)
     clock: datetime = T0
@@ -114,7 +118,7 @@ class Walk:
         record = self.machine.fire(model, trigger, at=self.clock, reason=reason, detail=detail)
         self.records.append(record)
         self.history[model.name].append(
-            (record.at, record.dest, record.version, record.reason, record.trigger)
+            (record.at, record.dest, record.version, record.reason, record.trigger, model.since)
         )
         self.last_detail[model.name] = detail
         for key in CARRIED:
@@ -130,8 +134,8 @@ class Walk:
         for name, hist in self.history.items():
             before = [h for h in hist if h[0] <= at]
             if before:
-                when, dest, version, reason, _ = before[-1]
-                out[name] = (dest, version, when, reason)
+                _, dest, version, reason, _, since = before[-1]
+                out[name] = (dest, version, since, reason)
         return out
 
 
@@ -155,12 +159,12 @@ def append_in_batches(
 
 
 def view_key(view: SessionView) -> tuple[Any, ...]:
-    return (view.state, view.version, view.reason, view.since, view.trigger)
+    return (view.state, view.version, view.reason, view.since, view.at, view.trigger)
 
 
 def expected_key(walk: Walk, name: str) -> tuple[Any, ...]:
-    at, dest, version, reason, trigger = walk.history[name][-1]
-    return (dest, version, reason, at, trigger)
+    at, dest, version, reason, trigger, since = walk.history[name][-1]
+    return (dest, version, reason, since, at, trigger)
 
 
 # -- the fold equals the live machine -------------------------------------------------------

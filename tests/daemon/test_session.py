@@ -6,13 +6,27 @@ real time, and ``trio.current_time()`` is asserted exactly.
 
 from __future__ import annotations
 
+import json
 import random
+from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
+import structlog
+import structlog.testing
 import trio
 from sessionkit import PB_PORT, T0, Kit, MemoryLog, Net, session_toml, sessions_from, venue
 
+from daemon import migrate
+from daemon.app import state_summary
+from daemon.consumers import ConsumerHub
+from daemon.control import _static_part
+from daemon.metrics import Metrics, Tally, health
+from daemon.replay import state_at
 from daemon.session import PRIMARY_PROBE_INTERVAL, CommandKind, SessionRunner
+from daemon.store import EventStore
+from protocol.consumer_codec import ConsumerFrameDecoder, encode_request
+from protocol.consumer_pb2 import ConsumerRequest, Subscribe
 from statemachines.session import State, TransitionRecord
 
 
@@ -510,3 +524,308 @@ async def test_a_pause_between_start_and_connect_gives_the_slot_back(autojump: o
         assert (runner.handshake, slots.borrowed_tokens) == ("", 0)
         nursery.cancel_scope.cancel()
     log.verify()
+
+
+# -- issue 9: decisions in the core, since, write-ahead for observers, contained bugs ----
+
+
+async def test_resume_on_a_live_session_is_not_now_and_interrupts_nothing(
+    autojump: object,
+) -> None:
+    """STREAMING, STALE, AUTHENTICATED: "not paused", and the link goes on untouched."""
+    async with trio.open_nursery() as nursery:
+        v = venue(rate=10.0)
+        kit = Kit(Net(nursery, {"venue": v}), MemoryLog())
+        runner = await start(kit, nursery, session_toml(stale_after=5.0, dead_after=30.0))
+        await trio.sleep(1)
+        assert await runner.command(CommandKind.RESUME, "r") == "not paused (it is STREAMING)"
+        v.fault("silent", seconds=7.0)  # from t=1.0: STALE at 6.0, data again at 8.0
+        await wait_for(runner, State.STALE)
+        assert await runner.command(CommandKind.RESUME, "r") == "not paused (it is STALE)"
+        await trio.sleep(3)
+        assert [t for t, _ in kit.log.path("s")] == [
+            "start", "connected", "authenticated", "data", "stale", "data",
+        ]  # fmt: skip
+        assert kit.net.opened == [("venue", PB_PORT)]  # the same link throughout
+        assert runner.model.state is State.STREAMING
+        nursery.cancel_scope.cancel()
+    async with trio.open_nursery() as nursery:
+        server = NoSubscribeReply()
+        kit = Kit(Net(nursery, {"venue": server}), MemoryLog())  # type: ignore[dict-item]
+        runner = await start(kit, nursery, session_toml(auth_timeout=3.0))
+        await trio.sleep(1)
+        answer = await runner.command(CommandKind.RESUME, "r")
+        assert answer == "not paused (it is AUTHENTICATED)"
+        await trio.sleep(2.5)
+        # The subscription kept waiting: it timed out on its own schedule, after 3.0 s.
+        (started, *_), (lost, trigger, _) = kit.log.timeline("s")[0], kit.log.timeline("s")[3]
+        assert (round(lost - started, 3), trigger) == (3.0, "lost")
+        assert server.subscribe_requests == 1
+        nursery.cancel_scope.cancel()
+    kit.log.verify()
+
+
+async def test_failback_while_authenticated(autojump: object) -> None:
+    """The fallback link subscribed but has carried no message when the primary answers
+    the probe: the session leaves the fallback (no IllegalTransition, no crash)."""
+    async with trio.open_nursery() as nursery:
+        quiet = venue(rate=0.001, heartbeat_interval=1000.0)  # no message for 1000 s
+        net = Net(nursery, {"primary": venue(rate=10.0), "backup": quiet}, down={"primary"})
+        kit = Kit(net, MemoryLog())
+        toml = (
+            '[[sessions]]\nname = "s"\nkind = "protobuf"\n'
+            f'url = "tcp://primary:{PB_PORT}"\nfallback_urls = ["tcp://backup:{PB_PORT}"]\n'
+            'auth = { client_id = "c", client_secret = "x", account_id = 1, '
+            'access_token = "y" }\nstale_after = 50.0\ndead_after = 100.0\n'
+            "heartbeat_interval = 1000.0\n"
+        )
+        runner = await start(kit, nursery, toml)
+        await wait_for(runner, State.AUTHENTICATED)
+        net.down.clear()
+        await trio.sleep(PRIMARY_PROBE_INTERVAL + 2)
+        failback = next(r for r in kit.log.of("s") if r.trigger == "failback")
+        assert (failback.source, failback.dest) == ("AUTHENTICATED", "DISCONNECTED")
+        assert runner.model.state is State.STREAMING
+        assert runner.endpoint == f"tcp://primary:{PB_PORT}"
+        assert not runner.finished.is_set()
+        nursery.cancel_scope.cancel()
+    kit.log.verify()
+
+
+async def test_since_is_when_the_state_was_entered(autojump: object, sqlite_url: str) -> None:
+    """After a ``stable`` self-loop, status, ``replay --at`` and a consumer's first notice
+    all say STREAMING since the ``data`` that entered it, not since the self-loop."""
+    async with trio.open_nursery() as nursery:
+        hub = ConsumerHub(["s"])
+        sock = sqlite_url.removeprefix("sqlite:///").replace("events.db", "c.sock")
+        await nursery.start(hub.serve_unix, sock)
+        kit = Kit(Net(nursery, {"venue": venue(rate=10.0)}, down={"venue"}), MemoryLog())
+        (session,) = sessions_from(session_toml(backoff="{ initial = 0.5, reset_after = 30.0 }"))
+        runner = kit.runner(session, publisher=hub)
+        await nursery.start(runner.run)
+        await trio.sleep(0.1)
+        kit.net.down.clear()  # the first attempt failed: stable has counts to reset
+        await trio.sleep(40)
+        assert kit.log.timeline("s")[-2:] == [
+            (0.6, "data", "STREAMING"), (30.6, "stable", "STREAMING"),
+        ]  # fmt: skip
+        entered = kit.log.of("s")[-2].at
+
+        status = json.loads(_static_part(runner) + "}")
+        assert (status["state"], status["since"]) == ("STREAMING", entered.isoformat())
+        assert runner.durable.since == entered
+
+        store = EventStore(sqlite_url)
+        migrate.upgrade(store.engine)
+        store.append(kit.log.records)
+        view = state_at(store, T0 + timedelta(seconds=35))["s"]
+        store.close()
+        assert (view.state, view.since, view.trigger) == ("STREAMING", entered, "stable")
+
+        with trio.fail_after(5):
+            client = await trio.open_unix_socket(sock)
+            await client.send_all(
+                encode_request(ConsumerRequest(subscribe=Subscribe(sessions=["s"])))
+            )
+            decoder, notices = ConsumerFrameDecoder(), []
+            while not notices:
+                decoder.feed(await client.receive_some(65536))
+                notices = [f for f in decoder.messages() if f.HasField("state_notice")]
+        notice = notices[0].state_notice
+        assert (notice.state, notice.trigger) == ("STREAMING", "stable")
+        assert notice.at_ns == round(entered.timestamp() * 1e6) * 1000
+        await client.aclose()
+        nursery.cancel_scope.cancel()
+
+
+class RecordingPublisher:
+    """Records what the consumer hub would be told."""
+
+    def __init__(self) -> None:
+        self.transitions: list[TransitionRecord] = []
+
+    def data(self, session: str, batch: object, received_at_ns: int) -> None:
+        return
+
+    def transition(self, record: TransitionRecord) -> None:
+        self.transitions.append(record)
+
+
+class HeldLog(MemoryLog):
+    """A MemoryLog whose COMMIT of the first record with ``trigger`` waits for ``gate``."""
+
+    def __init__(self, trigger: str) -> None:
+        super().__init__()
+        self.trigger = trigger
+        self.gate = trio.Event()
+        self.waiting = trio.Event()
+
+    async def append(self, record: TransitionRecord) -> None:
+        if record.trigger == self.trigger and not self.gate.is_set():
+            self.waiting.set()
+            await self.gate.wait()
+        await super().append(record)
+
+
+async def test_observers_see_a_transition_only_after_its_commit(autojump: object) -> None:
+    """While the ``pause`` COMMIT is blocked, the machine is PAUSED but status, metrics,
+    /health, STATUS= and consumers all still show STREAMING; then all show PAUSED."""
+    async with trio.open_nursery() as nursery:
+        log = HeldLog("pause")
+        publisher = RecordingPublisher()
+        kit = Kit(Net(nursery, {"venue": venue(rate=10.0)}), log)
+        (session,) = sessions_from(session_toml())
+        runner = kit.runner(session, publisher=publisher)
+        await nursery.start(runner.run)
+        await trio.sleep(1)
+        entered = log.of("s")[-1].at
+        metrics = Metrics(
+            SimpleNamespace(
+                config=SimpleNamespace(config_hash="h"), sessions={"s": runner}, writer=None,
+                started_at=None, stopping=False, handshakes=trio.CapacityLimiter(1),
+            ),  # type: ignore[arg-type]
+            Tally(),
+            version="test",
+        )  # fmt: skip
+
+        def observed() -> tuple[object, ...]:
+            text = metrics.render()
+            status = json.loads(_static_part(runner) + "}")
+            return (
+                status["state"],
+                status["since"],
+                health({"s": runner})[1]["not_streaming"],
+                state_summary({"s": runner}),
+                'wirekeep_session_state{session="s",state="PAUSED"} 1' in text,
+                publisher.transitions[-1].dest,
+            )
+
+        streaming = (
+            "STREAMING", entered.isoformat(), {}, "1 session: 1 STREAMING", False, "STREAMING",
+        )  # fmt: skip
+        assert observed() == streaming
+        nursery.start_soon(runner.command, CommandKind.PAUSE, "operator")
+        await log.waiting.wait()
+        await trio.sleep(1)
+        assert runner.model.state is State.PAUSED  # the machine moved ...
+        assert observed() == streaming  # ... but nothing durable says so yet
+        log.gate.set()
+        await runner.changed.wait()
+        paused_at = log.of("s")[-1].at.isoformat()
+        assert observed() == (
+            "PAUSED", paused_at, {}, "1 session: 1 PAUSED", True, "PAUSED",
+        )  # fmt: skip
+        nursery.cancel_scope.cancel()
+    log.verify()
+
+
+class Bug:
+    """Makes ``receive_batch`` of one session's links raise, from ``after`` on, ``times``
+    times: a bug in the daemon's own code, not a network failure."""
+
+    def __init__(self, runner: SessionRunner, *, after: float, times: int) -> None:
+        self.inner, self.after, self.times = runner._adapter, after, times
+        runner._adapter = self  # type: ignore[assignment]
+
+    async def connect(self, nursery: trio.Nursery, url: str):  # type: ignore[no-untyped-def]
+        conn = await self.inner.connect(nursery, url)
+        bug = self
+
+        class Buggy:
+            def __getattr__(self, name: str) -> object:
+                return getattr(conn, name)
+
+            async def receive_batch(self):  # type: ignore[no-untyped-def]
+                if bug.times and trio.current_time() >= bug.after:
+                    bug.times -= 1
+                    raise RuntimeError("bug in the batch parser")
+                return await conn.receive_batch()
+
+        return Buggy()
+
+
+async def test_a_bug_in_one_session_leaves_the_others_streaming(autojump: object) -> None:
+    async with trio.open_nursery() as nursery:
+        kit = Kit(Net(nursery, {"venue": venue(rate=10.0)}), MemoryLog())
+        toml = "".join(session_toml(name) for name in ("a", "b", "c"))
+        a, b, c = [kit.runner(s) for s in sessions_from(toml)]
+        Bug(b, after=5.0, times=1)
+        with structlog.testing.capture_logs() as logs:
+            for runner in (a, b, c):
+                await nursery.start(runner.run)
+            await trio.sleep(5)
+            before = {r.name: r.messages for r in (a, c)}
+            await trio.sleep(10)
+        happy = ["CONNECTING", "CONNECTING", "AUTHENTICATED", "STREAMING"]
+        for neighbour in (a, c):
+            assert [d for _, _, d in kit.log.timeline(neighbour.name)] == happy
+            assert neighbour.messages > before[neighbour.name] + 50  # never noticed
+        assert [(round(t, 3), trig, d) for t, trig, d in kit.log.timeline("b")[4:]] == [
+            (5.0, "lost", "BACKOFF"),
+            (5.5, "retry", "CONNECTING"),  # through the backoff, like any failure
+            (5.5, "connected", "CONNECTING"),
+            (5.5, "authenticated", "AUTHENTICATED"),
+            (5.6, "data", "STREAMING"),
+        ]
+        fault = kit.log.of("b")[4]
+        assert fault.reason == "internal error: RuntimeError: bug in the batch parser"
+        assert (fault.detail["error_class"], fault.detail["attempt"]) == ("internal", 1)
+        (logged,) = [e for e in logs if e["event"] == "session_fault"]
+        assert (logged["session"], logged["log_level"], logged["exc_info"]) == ("b", "error", True)
+        assert b.durable.state is State.STREAMING
+        nursery.cancel_scope.cancel()
+    kit.log.verify()
+
+
+async def test_a_bug_that_repeats_at_once_is_paced_by_backoff_and_breaker(
+    autojump: object,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        kit = Kit(Net(nursery, {"venue": venue(rate=10.0)}), MemoryLog())
+        (session,) = sessions_from(session_toml(circuit="{ failures = 4, cooldown = 60.0 }"))
+        runner = kit.runner(session)
+        Bug(runner, after=0.0, times=10**6)
+        with structlog.testing.capture_logs():  # no console tracebacks: they take seconds
+            await nursery.start(runner.run)
+            await trio.sleep(70)
+        failures = [
+            (round(t, 3), trig) for t, trig, d in kit.log.timeline("s") if trig in ("lost", "trip")
+        ]
+        # Each attempt gets as far as its first read, then the bug: 0.5, 1, 2 s apart,
+        # then the breaker opens for 60 s; the probe hits the bug and opens it again.
+        assert failures == [(0.0, "lost"), (0.5, "lost"), (1.5, "lost"), (3.5, "trip"),
+                            (63.5, "trip")]  # fmt: skip
+        assert len(kit.log.of("s")) < 30
+        nursery.cancel_scope.cancel()
+    kit.log.verify()
+
+
+async def test_a_bug_before_any_link_is_a_fault_to_backoff(autojump: object) -> None:
+    """A bug outside a connection (here: in the connect-rate lookup) is a ``fault``."""
+    async with trio.open_nursery() as nursery:
+        kit = Kit(Net(nursery, {"venue": venue(rate=10.0)}), MemoryLog())
+        (session,) = sessions_from(session_toml())
+        runner = kit.runner(session)
+        limiter, calls = runner._limiters, []
+
+        def broken_once(url: str):  # type: ignore[no-untyped-def]
+            calls.append(url)
+            if len(calls) == 1:
+                raise KeyError(url)
+            return limiter(url)
+
+        runner._limiters = broken_once
+        await nursery.start(runner.run)
+        await trio.sleep(2)
+        assert kit.log.timeline("s") == [
+            (0.0, "fault", "BACKOFF"),
+            (0.5, "retry", "CONNECTING"),
+            (0.5, "connected", "CONNECTING"),
+            (0.5, "authenticated", "AUTHENTICATED"),
+            (0.6, "data", "STREAMING"),
+        ]
+        fault = kit.log.of("s")[0]
+        assert fault.reason == f"internal error: KeyError: 'tcp://venue:{PB_PORT}'"
+        assert fault.detail["error_class"] == "internal"
+        nursery.cancel_scope.cancel()
+    kit.log.verify()

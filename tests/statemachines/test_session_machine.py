@@ -138,3 +138,33 @@ def test_unregistering_keeps_the_others_registered() -> None:
     for model in left:
         machine.unregister(model)
     assert len(machine) == 0
+
+
+def test_self_loops_do_not_move_since(machine: SessionMachine) -> None:
+    """``since`` is when the state was entered: connected, stable, throttled in
+    CIRCUIT_OPEN and the other self-loops leave it alone; remove always begins a stay."""
+    model = machine.register(SessionModel("venue-a"))
+    later = AT + timedelta(hours=1)
+    machine.fire(model, "start", at=AT, reason="go")
+    machine.fire(model, "connected", at=later, reason="up")
+    assert (model.state, model.since) == (State.CONNECTING, AT)
+    for trigger in ("authenticated", "data"):
+        machine.fire(model, trigger, at=later, reason=trigger)
+    machine.fire(model, "stable", at=later + timedelta(minutes=30), reason="stable")
+    assert (model.state, model.since) == (State.STREAMING, later)
+    machine.fire(model, "remove", at=later, reason="gone")
+    machine.fire(model, "remove", at=later + timedelta(seconds=1), reason="gone again")
+    assert model.since == later + timedelta(seconds=1)
+    machine.unregister(model)
+
+
+@pytest.mark.parametrize(("state", "trigger"), LEGAL_PAIRS, ids=lambda v: getattr(v, "name", v))
+def test_revert_undoes_a_transition_that_never_became_durable(
+    machine: SessionMachine, state: State, trigger: Trigger
+) -> None:
+    model = machine.register(SessionModel("venue-a", state=state, version=3, since=AT))
+    record = machine.fire(model, trigger, at=AT + timedelta(seconds=5), reason="x")
+    machine.revert(model, record, AT)
+    assert (model.state, model.version, model.since) == (state, 3, AT)
+    machine.fire(model, trigger, at=AT, reason="again")  # still the machine's model
+    machine.unregister(model)
