@@ -71,7 +71,7 @@ import socket as stdsocket
 import stat
 import struct
 import termios
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -82,6 +82,7 @@ import trio
 import trio_websocket
 
 from daemon.adapters.base import Batch
+from daemon.peer_errors import report_peer_error
 from protocol.consumer_codec import (
     CAUSE_CONSUMER_TOO_SLOW,
     CAUSE_UPSTREAM_RECONNECT,
@@ -103,7 +104,7 @@ from protocol.consumer_pb2 import (
     Subscribed,
 )
 from protocol.errors import RemoteProtocolError
-from statemachines.session import TransitionRecord
+from statemachines.session import TransitionRecord, begins_stay
 
 __all__ = [
     "DEFAULT_FINAL_GRACE",
@@ -123,6 +124,8 @@ log = structlog.get_logger("wirekeep.consumers")
 SOCKET_MODE = 0o660
 #: Seconds a consumer that is being disconnected gets to take its Error frame.
 DEFAULT_FINAL_GRACE = 1.0
+#: Seconds a connection to the WebSocket endpoint has to complete its HTTP upgrade.
+WEBSOCKET_HANDSHAKE_TIMEOUT = 10.0
 #: States in which a session's stream is flowing (or merely quiet, link up).
 _STREAMING = frozenset({"STREAMING", "STALE"})
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -139,6 +142,7 @@ class Disconnect(enum.Enum):
     PROTOCOL_ERROR = "protocol_error"  # garbage, or a request that is not one
     UNKNOWN_SESSION = "unknown_session"  # subscribed to a session the daemon does not have
     STOPPING = "stopping"  # the daemon is shutting down
+    INTERNAL_ERROR = "internal_error"  # its connection raised: a bug, here or in a library
 
 
 # -- queue items -----------------------------------------------------------------------
@@ -281,14 +285,16 @@ class _Feed:
     """One session as the hub sees it: its sequence, its subscribers, its last notice."""
 
     __slots__ = (
-        "dropped", "encoders", "interrupted_at", "last_notice", "name", "next_seq", "subscribers",
+        "dropped", "encoders", "interrupted_at", "last_notice", "name", "next_seq", "since",
+        "subscribers",
     )  # fmt: skip
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.next_seq = 1
         self.subscribers: list[Consumer] = []
-        self.last_notice: _Frame | None = None
+        self.last_notice: _Frame | None = None  # the state now, for a new subscriber
+        self.since: datetime | None = None  # when the session entered that state
         self.interrupted_at: datetime | None = None  # when the stream last stopped
         self.dropped = 0
         self.encoders = {
@@ -511,6 +517,7 @@ class ConsumerHub:
         self.queue_limit = queue_limit
         self.max_lag = max_lag
         self.final_grace = final_grace
+        self.handshake_timeout = WEBSOCKET_HANDSHAKE_TIMEOUT
         self.stats = HubStats()
         self._feeds: dict[str, _Feed] = {}
         self._consumers: dict[int, Consumer] = {}
@@ -540,8 +547,11 @@ class ConsumerHub:
     def consumers(self) -> list[Consumer]:
         return list(self._consumers.values())
 
-    def add_session(self, name: str, last: TransitionRecord | None = None) -> None:
-        """A session consumers may subscribe to; ``last``: its state now (e.g. recovered)."""
+    def add_session(
+        self, name: str, last: TransitionRecord | None = None, since: datetime | None = None
+    ) -> None:
+        """A session consumers may subscribe to; ``last``: its last event (e.g. recovered),
+        ``since``: when it entered its state (default: ``last.at``)."""
         feed = self._feeds.get(name)
         if feed is None:
             feed = self._feeds[name] = _Feed(name)
@@ -550,7 +560,8 @@ class ConsumerHub:
         else:
             added = False
         if last is not None and feed.last_notice is None:
-            feed.last_notice = _Frame(_notice(last), _NOTICE, name, trio.current_time())
+            feed.since = since or last.at
+            feed.last_notice = _Frame(_notice(last, feed.since), _NOTICE, name, trio.current_time())
         if added:
             for consumer in self._everything:
                 self._attach(consumer, [name])
@@ -590,8 +601,16 @@ class ConsumerHub:
             self.add_session(record.session)
             feed = self._feeds[record.session]
         now = trio.current_time()
+        if feed.since is None or begins_stay(record.trigger, record.source, record.dest):
+            feed.since = record.at
         try:
-            notice = feed.last_notice = _Frame(_notice(record), _NOTICE, feed.name, now)
+            notice = _Frame(_notice(record), _NOTICE, feed.name, now)
+            # A new subscriber is told the state now, as of when it was entered.
+            feed.last_notice = (
+                notice
+                if feed.since == record.at
+                else _Frame(_notice(record, feed.since), _NOTICE, feed.name, now)
+            )
             for consumer in feed.subscribers:
                 consumer.push(notice)
         except Exception:  # noqa: BLE001 - a bug: logged; see data()
@@ -608,7 +627,7 @@ class ConsumerHub:
         """A failure while queueing for ``consumers``: log it, and let them start over."""
         log.exception("consumer_hub_failed", consumers=len(consumers))
         for consumer in list(consumers):
-            consumer.fail(Disconnect.PROTOCOL_ERROR, "internal error in wirekeep; reconnect")
+            consumer.fail(Disconnect.INTERNAL_ERROR, "internal error in wirekeep; reconnect")
 
     def _reconnect_gap(self, feed: _Feed, interrupted_s: float) -> None:
         gap = Gap(
@@ -868,20 +887,40 @@ class ConsumerHub:
 
     async def serve_connection(self, stream: trio.SocketStream) -> None:
         """Serve one consumer on a connected stream socket (Unix, or a socketpair)."""
-        try:
-            await self._run_peer(_UnixPeer(self, stream))
-        finally:
-            await trio.aclose_forcefully(stream)
+        await self._serve_peer("unix", stream, lambda: _just(_UnixPeer(self, stream)))
 
-    async def _run_peer(self, peer: _Peer) -> None:
-        """Run one consumer to its end, whatever the endpoint; it is disconnected after."""
+    async def _serve_peer(
+        self,
+        endpoint: str,
+        stream: trio.SocketStream,
+        open_peer: Callable[[], contextlib.AbstractAsyncContextManager[_Peer | None]],
+    ) -> None:
+        """Where every consumer connection runs, whatever the endpoint: its guard.
+
+        ``open_peer`` sets the connection up (None: it ended during the set-up, e.g. a
+        refused WebSocket handshake) and tears it down. Whatever this connection raises,
+        there or while it runs, ends this connection only (issue 9: a library error in
+        one peer's reader task once ended the WebSocket endpoint and the daemon): it is
+        logged with its reason, the consumer counted as ``internal_error``, the socket
+        closed. A consumer is disconnected here, however its connection ended.
+        """
+        consumer: Consumer | None = None
         try:
-            await peer.run()
-        except Exception:  # one consumer must never take the endpoint down (logged)
-            log.exception("consumer_failed", consumer=peer.consumer.number)
-            peer.consumer.fail(Disconnect.PROTOCOL_ERROR, "internal error", error=False)
+            async with open_peer() as peer:
+                if peer is not None:
+                    consumer = peer.consumer
+                    await peer.run()
+        except* Exception as failure:  # noqa: BLE001 - the guard; cancellation goes on
+            reason = report_peer_error(
+                log, "consumer_peer_error", failure, endpoint=endpoint,
+                consumer=consumer.number if consumer is not None else None,
+            )  # fmt: skip
+            if consumer is not None:
+                consumer.fail(Disconnect.INTERNAL_ERROR, f"internal error: {reason}", error=False)
         finally:
-            self.disconnect(peer.consumer)
+            if consumer is not None:
+                self.disconnect(consumer)
+            await trio.aclose_forcefully(stream)
 
     async def serve_websocket(
         self,
@@ -903,9 +942,6 @@ class ConsumerHub:
         """Serve the WebSocket endpoint on listeners from :func:`bind_websocket`."""
         for listener in listeners:
             self._served(listener)
-        server = trio_websocket.WebSocketServer(
-            self._websocket_request, listeners, max_message_size=REQUEST_MAX
-        )
         host, port = listeners[0].socket.getsockname()[:2]
         if not (host.startswith("127.") or host == "::1"):
             log.warning(
@@ -914,27 +950,53 @@ class ConsumerHub:
                 note="the WebSocket endpoint has no authentication; anyone who can reach "
                 "this address can read every session",
             )
+        # trio.serve_listeners rather than trio_websocket.WebSocketServer: the server
+        # runs each connection's reader task where an exception from it ends the server.
         async with trio.open_nursery() as nursery:
-            await nursery.start(server.run)
+            await nursery.start(trio.serve_listeners, self._websocket_connection, listeners)
             log.info("consumer_websocket_listening", host=host, port=port)
             task_status.started(port)
 
     def _served(self, listener: trio.SocketListener) -> None:
         self._unserved = [(x, p) for x, p in self._unserved if x is not listener]
 
-    async def _websocket_request(self, request: trio_websocket.WebSocketRequest) -> None:
+    async def _websocket_connection(self, stream: trio.SocketStream) -> None:
+        """One connection to the WebSocket endpoint, from the HTTP upgrade to the close."""
+        await self._serve_peer("websocket", stream, lambda: self._websocket_peer(stream))
+
+    @contextlib.asynccontextmanager
+    async def _websocket_peer(self, stream: trio.SocketStream) -> AsyncIterator[_Peer | None]:
+        """The handshake (None if it failed or was refused), then the consumer; the close.
+
+        trio-websocket's reader task runs in this nursery: whatever it raises cancels
+        the consumer and leaves through here, to :meth:`_serve_peer`.
+        """
+        async with trio.open_nursery() as nursery:
+            request = None
+            with trio.move_on_after(self.handshake_timeout):
+                request = await trio_websocket.wrap_server_stream(
+                    nursery, stream, max_message_size=REQUEST_MAX
+                )
+            ws = await self._websocket_handshake(request) if request is not None else None
+            try:
+                yield _WebSocketPeer(self, ws) if ws is not None else None
+            finally:
+                if ws is not None:
+                    with trio.move_on_after(self.final_grace) as scope:
+                        scope.shield = True
+                        await ws.aclose()
+                nursery.cancel_scope.cancel()  # the reader task, when the handshake failed
+
+    async def _websocket_handshake(
+        self, request: trio_websocket.WebSocketRequest
+    ) -> trio_websocket.WebSocketConnection | None:
+        """Accept the upgrade, unless a web page on another site asks (None: refused)."""
         origin = _header(request.headers, b"origin")
         if origin is not None and not _loopback_origin(origin):
             log.warning("consumer_websocket_refused", origin=origin[:200])
             await request.reject(403, body=b"cross-origin consumers are not allowed\n")
-            return
-        ws = await request.accept()
-        try:
-            await self._run_peer(_WebSocketPeer(self, ws))
-        finally:
-            with trio.move_on_after(self.final_grace) as scope:
-                scope.shield = True
-                await ws.aclose()
+            return None
+        return await request.accept()
 
 
 async def bind_websocket(host: str, port: int) -> list[trio.SocketListener]:
@@ -960,8 +1022,10 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def _notice(record: TransitionRecord) -> ConsumerFrame:
-    at = record.at if record.at.tzinfo is not None else record.at.replace(tzinfo=UTC)
+def _notice(record: TransitionRecord, at: datetime | None = None) -> ConsumerFrame:
+    """A StateNotice for ``record``, timed ``at`` (default: the event's own time)."""
+    at = at or record.at
+    at = at if at.tzinfo is not None else at.replace(tzinfo=UTC)
     return ConsumerFrame(
         state_notice=StateNotice(
             session=record.session,
@@ -973,6 +1037,12 @@ def _notice(record: TransitionRecord) -> ConsumerFrame:
             trigger=record.trigger,
         )
     )
+
+
+@contextlib.asynccontextmanager
+async def _just(peer: _Peer) -> AsyncIterator[_Peer]:
+    """A peer that needs no set-up or tear-down, for :meth:`ConsumerHub._serve_peer`."""
+    yield peer
 
 
 def _clip(text: str, limit: int = 64) -> str:

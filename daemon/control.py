@@ -45,7 +45,7 @@ import structlog
 import trio
 
 from daemon.config import Config, redact_url
-from daemon.metrics import breaker_state
+from daemon.peer_errors import report_peer_error
 from daemon.session import CommandKind, SessionClocks, SessionRunner
 from daemon.writer import EventWriter
 from protocol import control_pb2 as pb
@@ -330,12 +330,7 @@ class StatusEntries:
         cache = self._cache
         parts = []
         for r in sessions:
-            shown = r.shown
-            key = (
-                shown, r.endpoint, r.last_error, r.backoff.attempt, r.throttled_until,
-                r.wait_until, r.last_venue_error, r.breaker.half_open, r.breaker.opened_at,
-                r.handshake,
-            )  # fmt: skip
+            key = (r.durable, r.endpoint, r.last_venue_error, r.handshake)
             cached = cache.get(r.name)
             if cached is None or cached[0] is not r or cached[1] != key:
                 cached = cache[r.name] = (r, key, _static_part(r))
@@ -356,23 +351,23 @@ class StatusEntries:
 
 def _static_part(r: SessionRunner) -> str:
     """The fields that change only with a transition or an error, without the closing }."""
-    shown = r.shown
-    model = r.model
+    # What is durable: the machine moves first, the runner publishes after the COMMIT.
+    durable = r.durable
+    last = durable.record
     entry = {
         "name": r.name,
-        # What is durable: the machine moves first, the event is shown once committed.
-        "state": shown.dest if shown is not None else model.state.name,
-        "since": _iso(shown.at if shown is not None else model.since),
-        "attempt": r.backoff.attempt,
+        "state": durable.state.name,
+        "since": _iso(durable.since),  # when the state was entered
+        "attempt": durable.memory.attempt,
         "endpoint": r.endpoint or "",
-        "last_error": r.last_error or "",
+        "last_error": durable.last_error or "",
         "kind": r.config.kind,
-        "throttled_until": _iso(r.throttled_until),
+        "throttled_until": _iso(durable.throttled_until),
         "consumers": 0,  # the consumer hub fills these in
         "dropped": 0,
-        "reason": shown.reason if shown is not None else "",
-        "wait_until": _iso(r.wait_until),
-        "breaker": breaker_state(r),
+        "reason": last.reason if last is not None else "",
+        "wait_until": _iso(durable.wait_until),
+        "breaker": durable.breaker,
         "last_venue_error": r.last_venue_error or "",
         "handshake": r.handshake,
     }
@@ -507,8 +502,8 @@ class ControlServer:
             await self._converse(stream, peer_of(stream.socket))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the peer went away: nothing to answer
-        except Exception:  # one connection's bug must not take the daemon down
-            log.exception("control_connection_failed")
+        except Exception as exc:  # noqa: BLE001 - one connection's bug ends that connection only
+            report_peer_error(log, "control_peer_error", exc)
         finally:
             self.active -= 1
             with trio.CancelScope(shield=True):
@@ -546,12 +541,19 @@ class ControlServer:
     # -- requests ----------------------------------------------------------------
 
     async def respond(self, line: bytes, peer: Peer) -> bytes:
-        """One request line -> one response line. Never raises for what a peer sent."""
+        """One request line -> one response line. Never raises for what a peer sent.
+
+        A line that does not parse is BAD_REQUEST; anything else that goes wrong, a bug
+        in a command or a reply that cannot be encoded, is INTERNAL: the connection and
+        the daemon go on.
+        """
         try:
             request = decode_request(line, self.max_line)
         except ProtocolError as exc:
             self.requests["invalid", "error"] += 1
             return encode_response(error_response(_salvage_id(line), str(exc)))
+        except Exception as exc:  # noqa: BLE001 - a decoder bug is still a reply
+            return self._internal_error(exc, "invalid", _salvage_id(line))
         command = request.WhichOneof("command") or ""
         try:
             if command not in READ_ONLY and not self.permissions.may_change(peer):
@@ -568,17 +570,22 @@ class ControlServer:
                     error_response(request.id, "the daemon is shutting down", ErrorCode.UNAVAILABLE)
                 )
             if command == "status":
+                reply = self.status(request.id, include_sessions=request.status.include_sessions)
                 self.requests[command, "ok"] += 1
-                return self.status(request.id, include_sessions=request.status.include_sessions)
+                return reply
             response = await self._change(command, request, peer)
-        except Exception:  # a bug answers INTERNAL; the daemon stays up
-            log.exception("control_command_failed", command=command)
-            self.requests[command, "error"] += 1
-            return encode_response(
-                error_response(request.id, f"internal error in {command}", ErrorCode.INTERNAL)
-            )
+            reply = encode_response(response)
+        except Exception as exc:  # noqa: BLE001 - a bug answers INTERNAL; the daemon stays up
+            return self._internal_error(exc, command, request.id)
         self.requests[command, "ok" if response.ok else "error"] += 1
-        return encode_response(response)
+        return reply
+
+    def _internal_error(self, exc: Exception, command: str, request_id: str) -> bytes:
+        report_peer_error(log, "control_command_failed", exc, command=command)
+        self.requests[command, "error"] += 1
+        return encode_response(
+            error_response(request_id, f"internal error in {command}", ErrorCode.INTERNAL)
+        )
 
     async def _change(
         self, command: str, request: pb.ControlRequest, peer: Peer
@@ -681,10 +688,13 @@ class ControlServer:
 
 
 def _salvage_id(line: bytes) -> str:
-    """The request's id, if the line is JSON enough to have one (to echo in the error)."""
+    """The request's id, if the line is JSON enough to have one (to echo in the error).
+
+    The id may hold a lone surrogate: error_response makes it encodable.
+    """
     try:
-        obj = json.loads(line)
-    except (ValueError, RecursionError):
+        obj = json.loads(line.decode("utf-8"))  # strict: bytes would let json guess UTF-16
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return ""
     value = obj.get("id") if isinstance(obj, dict) else None
     return value[:100] if isinstance(value, str) else ""

@@ -43,6 +43,7 @@ from protocol.consumer_pb2 import (
 )
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.framing import FrameDecoder, encode_frame, encode_frames
+from protocol.peer_json import first_line, parse_object
 
 __all__ = [
     "CAUSE_CONSUMER_TOO_SLOW",
@@ -373,17 +374,17 @@ def encode_request_json(request: ConsumerRequest) -> str:
 
 
 def decode_request_json(text: str | bytes) -> ConsumerRequest:
-    """A consumer's JSON request, e.g. ``{"subscribe":{"all":true}}``."""
+    """A consumer's JSON request, e.g. ``{"subscribe":{"all":true}}``.
+
+    Raises :class:`RemoteProtocolError` for anything else: text that is not UTF-8 or not
+    valid Unicode, not a JSON object, duplicate keys, fields not in the schema.
+    """
+    obj = parse_object(text, "bad consumer request: ")
     request = ConsumerRequest()
     try:
-        json_format.Parse(text, request, ignore_unknown_fields=False)
+        json_format.ParseDict(obj, request, ignore_unknown_fields=False)
     except (json_format.ParseError, ValueError, TypeError, RecursionError) as exc:
-        raise RemoteProtocolError(f"bad consumer request: {_first_line(exc)}") from None
+        raise RemoteProtocolError(f"bad consumer request: {first_line(exc)}") from None
     if request.WhichOneof("request") is None:
         raise RemoteProtocolError("consumer request asks for nothing")
     return request
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__

@@ -18,7 +18,6 @@ A request line is at most :data:`MAX_LINE` bytes; a response may be larger
 from __future__ import annotations
 
 import enum
-import json
 from collections.abc import Sequence
 from typing import NoReturn, Protocol
 
@@ -26,6 +25,7 @@ from google.protobuf import json_format
 
 from protocol.control_pb2 import ControlRequest, ControlResponse
 from protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from protocol.peer_json import first_line, json_type_name, parse_object, valid_unicode
 
 __all__ = [
     "COMMANDS",
@@ -80,34 +80,24 @@ def _from_line(
     line: bytes | str, message: ControlRequest | ControlResponse, limit: int, what: str
 ) -> None:
     if isinstance(line, str):
-        line = line.encode("utf-8")
-    line = line.rstrip(b"\r\n")
-    if len(line) > limit:
-        raise RemoteProtocolError(
-            f"control {what} of {len(line)} bytes exceeds the {limit}-byte limit"
-        )
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError:
-        raise RemoteProtocolError(f"control {what} is not UTF-8") from None
-    if not text.strip():
+        line = line.rstrip("\r\n")
+        size = len(line.encode("utf-8", "surrogatepass"))
+    else:
+        line = line.rstrip(b"\r\n")
+        size = len(line)
+    if size > limit:
+        raise RemoteProtocolError(f"control {what} of {size} bytes exceeds the {limit}-byte limit")
+    if not line.strip():
         raise RemoteProtocolError(f"control {what} is empty")
-    # json_format.Parse, in two steps for clearer messages about the JSON itself.
-    try:
-        obj = json.loads(text, object_pairs_hook=_object_without_duplicates)
-    except (ValueError, RecursionError) as exc:
-        raise RemoteProtocolError(f"control {what} is not JSON: {_reason(exc)}") from None
-    if not isinstance(obj, dict):
-        raise RemoteProtocolError(
-            f"control {what} is a JSON {_JSON_TYPES.get(type(obj), 'value')}, not an object"
-        )
+    # json_format.Parse, in steps for clearer messages about the JSON itself.
+    obj = parse_object(line, f"control {what} is ")
     problem = _shape_problem(obj, message.DESCRIPTOR)
     if problem is not None:
         raise RemoteProtocolError(f"bad control {what}: {problem}")
     try:
         json_format.ParseDict(obj, message, ignore_unknown_fields=False)
     except (json_format.ParseError, ValueError, TypeError, RecursionError) as exc:
-        raise RemoteProtocolError(f"bad control {what}: {_reason(exc)}") from None
+        raise RemoteProtocolError(f"bad control {what}: {first_line(exc)}") from None
 
 
 class _Field(Protocol):
@@ -170,36 +160,8 @@ def _shape_problem(obj: dict[str, object], descriptor: _Descriptor, path: str = 
 
 
 def _json_type(value: object) -> str:
-    name = _JSON_TYPES.get(type(value), "value")
+    name = json_type_name(value)
     return f"an {name}" if name[0] in "aeiou" else f"a {name}"
-
-
-_JSON_TYPES: dict[type[object], str] = {
-    dict: "object",
-    list: "array",
-    str: "string",
-    int: "number",
-    float: "number",
-    bool: "boolean",
-    type(None): "null",
-}
-
-
-def _object_without_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    obj: dict[str, object] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise ValueError(f"duplicate key {key!r}")
-        obj[key] = value
-    return obj
-
-
-def _reason(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    if not lines:
-        return type(exc).__name__
-    text = lines[0]
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _check_request(request: ControlRequest) -> str | None:
@@ -253,10 +215,16 @@ def decode_response(line: bytes | str, max_line: int = MAX_RESPONSE_LINE) -> Con
 def error_response(
     request_id: str, message: str, code: int = ErrorCode.BAD_REQUEST
 ) -> ControlResponse:
-    """A failed response: ``ok`` false, a sentence, and a non-zero code."""
+    """A failed response: ``ok`` false, a sentence, and a non-zero code.
+
+    The id and the sentence may echo what a peer sent: a lone surrogate in them becomes
+    U+FFFD, so that the error can always be encoded and sent.
+    """
     if code == 0:
         raise LocalProtocolError("an error response needs a non-zero code")
-    return ControlResponse(id=request_id, ok=False, error=message, code=code)
+    return ControlResponse(
+        id=valid_unicode(request_id), ok=False, error=valid_unicode(message), code=code
+    )
 
 
 class LineDecoder:

@@ -29,7 +29,7 @@ import trio_websocket
 from sessionkit import T0, Kit, MemoryLog, Net, session_toml, sessions_from, venue
 
 from daemon.adapters.base import Batch
-from daemon.consumers import ConsumerHub, bind_unix_listener
+from daemon.consumers import ConsumerHub, Disconnect, bind_unix_listener
 from daemon.session import SessionRunner
 from protocol.consumer_codec import (
     CAUSE_CONSUMER_TOO_SLOW,
@@ -605,6 +605,7 @@ async def test_a_fault_in_the_hub_never_reaches_the_session() -> None:
         hub.transition(record)
     assert consumer.final is not None
     assert consumer.final.reason == "internal error in wirekeep; reconnect"
+    assert consumer.final.kind is Disconnect.INTERNAL_ERROR
     assert [e["event"] for e in logs if e["log_level"] == "error"] == ["consumer_hub_failed"]
     assert hub.status()["sessions"]["s"]["last_seq"] == 1
 
@@ -795,6 +796,7 @@ async def test_status_and_metrics_name_every_counter() -> None:
     assert status["connected"] == 0
     assert status["disconnects"] == {
         "closed": 0, "too_slow": 0, "protocol_error": 0, "unknown_session": 0, "stopping": 0,
+        "internal_error": 0,
     }  # fmt: skip
     names = {name for name, _, _ in hub.metric_samples()}
     assert names == {

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import structlog
 import trio
 from controlkit import REPO, cli_env, read_lines, running_daemon, wait_until, wirekeep
 from google.protobuf import json_format
@@ -340,6 +341,34 @@ async def test_garbage_gets_an_error_reply_and_the_connection_stays(tmp_path: Pa
         # An id is echoed when the line had one.
         one = await r.call({"id": "7", "pause": {}})
         assert (one["id"], one["ok"], one["code"]) == ("7", False, 65)
+
+
+async def test_text_that_is_not_unicode_gets_an_error_reply(tmp_path: Path) -> None:
+    """Issue 9: a request with a lone surrogate (a \\ud800 escape) made the reply that
+    echoed it raise UnicodeEncodeError: logged, no reply. Each line here gets a clear
+    error, the connection stays usable, and nothing is logged as a failure."""
+    lines = [
+        b'{"id":"\\ud800","status":{}}',  # the id, echoed in the reply
+        b'{"id":"2","\\udc00":{}}',  # a key (protobuf's upb raised SystemError)
+        b'{"id":"3","pause":{"sessions":["\\udbff"]}}',
+        b'{"id":"4","pause":{"all":true,"reason":"x\\udfffy"}}',
+        b'{"id":"\xed\xa0\x80","status":{}}',  # a surrogate as (invalid) UTF-8 bytes
+        b'{"id":"6","status":{}} \xff\xfe',
+        '{"id":"7","status":{}}'.encode("utf-16"),  # json.loads(bytes) would take it
+    ]
+    async with running_daemon(tmp_path, ["a"]) as r:
+        stream = await trio.open_unix_socket(str(r.socket))
+        with structlog.testing.capture_logs() as logs:
+            async with stream:
+                await stream.send_all(b"\n".join([*lines, json.dumps(STATUS).encode(), b""]))
+                replies = [json.loads(x) for x in await read_lines(stream, len(lines) + 1)]
+    assert [x["ok"] for x in replies] == [False] * len(lines) + [True]
+    assert [x["code"] for x in replies[:-1]] == [65] * len(lines)
+    errors = [x["error"] for x in replies[:-1]]
+    assert all("not valid Unicode" in e for e in errors[:4]), errors
+    assert all("not UTF-8" in e for e in errors[4:]), errors
+    assert [x["id"] for x in replies[:-1]] == ["\ufffd", "2", "3", "4", "", "", ""]
+    assert not [e for e in logs if e["event"].startswith("control_")]
 
 
 async def test_oversized_line_error_then_close(tmp_path: Path) -> None:
