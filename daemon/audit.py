@@ -2,9 +2,11 @@
 auditors ask (as SQL for each backend), and the read-only PostgreSQL role.
 
 The views themselves are created by ``migrations/versions/0002_audit_views.py`` (frozen
-SQL, as migrations must be); docs/audit.md explains every column. This module is what
-code and tests rely on: names, columns, and queries that are run against both backends
-in tests/daemon/test_audit_views.py, so the documented SQL keeps working.
+SQL, as migrations must be; ``0005_audit_views_self_loops.py`` replaced the daily view so
+that self-loops count as staying); the README's audit section explains every column.
+This module is what code and tests rely on: names, columns, and queries that are run
+against both backends in tests/daemon/test_audit_views.py, so the documented SQL keeps
+working.
 """
 
 from __future__ import annotations

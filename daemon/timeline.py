@@ -32,7 +32,7 @@ from daemon.replay import SessionView, check, state_at
 from daemon.schema import daemon_runs, session_events
 from daemon.store import EventStore, StoredEvent, utc
 from daemon.timeparse import iso
-from statemachines.session import LEGAL
+from statemachines.session import LEGAL, begins_stay
 
 SVG_NS = "http://www.w3.org/2000/svg"
 
@@ -100,10 +100,6 @@ class Timeline:
         return sum(len(stays) for stays in self.lanes.values())
 
 
-def _starts_stay(trigger: str, source: str, dest: str) -> bool:
-    return source != dest or trigger == "remove"
-
-
 def load_timeline(
     store: EventStore,
     since: datetime,
@@ -147,7 +143,7 @@ def load_timeline(
                 )
             states[name] = (event.dest, event.version)
             stay = current.get(name)
-            if stay is None or _starts_stay(event.trigger, event.source, event.dest):
+            if stay is None or begins_stay(event.trigger, event.source, event.dest):
                 if stay is not None:
                     stay.end, stay.exit_trigger, stay.exit_reason = (
                         event.at,
@@ -172,12 +168,25 @@ def load_timeline(
 
 
 def state_at_unverified(store: EventStore, at: datetime) -> dict[str, SessionView]:
-    """The last event of every session at or before ``at``, for forensics on a bad log."""
+    """The last event of every session at or before ``at``, for forensics on a bad log.
+
+    ``since`` is when the session entered its state, as replay has it: a self-loop does
+    not move it. An event that lands in another state than the one before it (which only
+    a corrupt log holds) does, so the stay shown is the one the log last recorded.
+    """
     views: dict[str, SessionView] = {}
     with closing(store.iter_events(until=at)) as events:
         for e in events:
+            before = views.get(e.session)
+            since: datetime | None = e.at
+            if (
+                before is not None
+                and before.state == e.dest
+                and not begins_stay(e.trigger, e.source, e.dest)
+            ):
+                since = before.since
             views[e.session] = SessionView(
-                e.session, e.dest, e.version, e.at, e.trigger, e.reason, e.detail
+                e.session, e.dest, e.version, since, e.trigger, e.reason, e.detail, at=e.at
             )
     return dict(sorted(views.items()))
 

@@ -14,10 +14,11 @@
   week over all sessions (a window over every event).
 
 The log is a random walk through the machine's legal transitions (connects, stale
-periods, drops, backoff, circuit trips, pauses, shutdowns and recoveries), written
-through ``EventStore.append_rows``. This machine's capacity swings between runs (two
-vCPUs shared with other work): CPU seconds and the load average are printed beside the
-wall-clock figures.
+periods, drops, backoff, circuit trips, pauses, shutdowns and recoveries, and the
+self-loops a real log is full of: ``stable`` while streaming, ``throttled``,
+``connected``), written through ``EventStore.append_rows``. This machine's capacity
+swings between runs (two vCPUs shared with other work): CPU seconds and the load average
+are printed beside the wall-clock figures.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ WALK = {
     "CONNECTING": [("authenticated", 70), ("connected", 10), ("lost", 10),
                    ("auth_rejected", 5), ("trip", 5)],
     "AUTHENTICATED": [("data", 90), ("lost", 10)],
-    "STREAMING": [("stale", 60), ("lost", 15), ("trip", 3), ("reconnect", 3), ("pause", 2),
-                  ("failback", 5), ("shutdown", 6), ("recover", 6)],
+    "STREAMING": [("stable", 40), ("stale", 60), ("lost", 15), ("trip", 3), ("reconnect", 3),
+                  ("pause", 2), ("failback", 5), ("shutdown", 6), ("recover", 6)],
     "STALE": [("data", 70), ("dead", 20), ("lost", 10)],
     "BACKOFF": [("retry", 85), ("throttled", 10), ("pause", 5)],
     "CIRCUIT_OPEN": [("probe", 90), ("throttled", 10)],

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from daemon.cli import EXIT_CORRUPT, EXIT_USAGE, CliError
+from daemon.cli import EXIT_CORRUPT, EXIT_USAGE, CliError, explain
 from daemon.cli_audit import AROUND_CSV_COLUMNS, register, replay_around, states_csv
 from daemon.replay import CorruptLog, state_at
 from daemon.store import EventStore
@@ -377,9 +377,13 @@ def run(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args))
-    except CliError as exc:
-        print(f"wirekeep: {exc}", file=sys.stderr)
-        return exc.code
+    except Exception as exc:  # as daemon.cli.main does: one line and a status, or a bug
+        explained = explain(exc)
+        if explained is None:
+            raise
+        message, code = explained
+        print(f"wirekeep: {message}", file=sys.stderr)
+        return code
 
 
 def test_timeline_command_writes_the_svg(
@@ -558,6 +562,23 @@ def test_state_at_csv(incident: EventStore) -> None:
         ("venue-c", "PAUSED"),
     ]
     assert json.loads(rows[3][6]) == ALICE
+
+
+@pytest.mark.parametrize("no_verify", [False, True])
+def test_around_gives_since_as_when_the_state_was_entered(
+    incident: EventStore, capsys: CAPTURE, no_verify: bool
+) -> None:
+    """At 14:01:41 venue-a's last event is the ``throttled`` self-loop at 14:01:40.5: its
+    BACKOFF began with ``dead`` at 14:01:40, and that is its ``since`` (the views' rule)."""
+    assert around(incident, t("14:01:41"), "1s", json=True, no_verify=no_verify) == 0
+    sessions = {s["session"]: s for s in json.loads(capsys.readouterr().out)["sessions"]}
+    venue_a = sessions["venue-a"]
+    assert (venue_a["state"], venue_a["trigger"]) == ("BACKOFF", "throttled")
+    assert venue_a["since"] == t("14:01:40").isoformat()
+    assert around(incident, t("14:01:41"), "1s", csv=True, no_verify=no_verify) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    state = next(r for r in rows if r["kind"] == "state" and r["session"] == "venue-a")
+    assert (state["at"], state["offset_s"]) == (iso(t("14:01:40")), "-1.0")
 
 
 def test_around_refuses_other_time_options_and_bad_windows(incident: EventStore) -> None:
