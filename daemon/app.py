@@ -1,6 +1,7 @@
 """The daemon: one root nursery owning the writer, the sessions, the servers and signals.
 
-Start-up order: open and migrate the database, check the append-only triggers, mark
+Start-up order: take the database's writer lock (a second daemon refuses, see
+:mod:`daemon.dblock`), open and migrate the database, check the append-only triggers, mark
 runs that never stopped as crashed, replay the log (recovery), bind the control socket
 and the optional listeners (a busy path fails the start before any session runs), start
 the writer, serve (status works during start-up), then one task per session; READY=1
@@ -97,8 +98,8 @@ HANDOVER = CommandKind.RECONFIGURE
 
 
 def state_summary(sessions: Mapping[str, SessionRunner]) -> str:
-    """One line for STATUS=: "3 sessions: 2 STREAMING, 1 BACKOFF"."""
-    counts = Counter(r.model.state.name for r in sessions.values())
+    """One line for STATUS=: "3 sessions: 2 STREAMING, 1 BACKOFF" (durable states)."""
+    counts = Counter(r.durable.state.name for r in sessions.values())
     parts = [f"{counts[s.name]} {s.name}" for s in State if counts[s.name]]
     noun = "session" if len(sessions) == 1 else "sessions"
     return f"{len(sessions)} {noun}" + (": " + ", ".join(parts) if parts else "")
@@ -106,20 +107,18 @@ def state_summary(sessions: Mapping[str, SessionRunner]) -> str:
 
 def view_of(runner: SessionRunner) -> SessionView:
     """What a stopped runner leaves for its successor (as replay would have found it)."""
-    shown, model = runner.shown, runner.model
+    durable = runner.durable
+    last = durable.record
     return SessionView(
         session=runner.name,
-        state=model.state.name,
-        version=model.version,
-        since=model.since,
-        trigger=shown.trigger if shown is not None else None,
-        reason=shown.reason if shown is not None else "",
-        detail=dict(shown.detail) if shown is not None else {},
-        carry={
-            "attempt": runner.backoff.attempt,
-            "failures": runner.breaker.failures,
-            "endpoint_index": runner.endpoint_index,
-        },
+        state=durable.state.name,
+        version=durable.version,
+        since=durable.since,
+        trigger=last.trigger if last is not None else None,
+        reason=last.reason if last is not None else "",
+        detail=dict(last.detail) if last is not None else {},
+        carry=durable.memory.carried(),
+        at=last.at if last is not None else None,
     )
 
 
@@ -287,6 +286,8 @@ class Daemon:
             log.exception("reload_failed")
 
     def _open_store(self, store: EventStore) -> dict[str, SessionView]:
+        # First: a second daemon on this database refuses here, before it touches a row.
+        store.lock_writer(started_at=self.started_at or self.clocks.wall())
         before, after = migrate.upgrade(store.engine)
         if before != after:
             log.info("database_migrated", before=before, after=after)
@@ -360,7 +361,7 @@ class Daemon:
         )
         self.sessions[session.name] = runner
         if self.consumers is not None:
-            self.consumers.add_session(session.name, runner.shown)
+            self.consumers.add_session(session.name, runner.shown, runner.durable.since)
         return runner
 
     async def _shutdown_sessions(self) -> None:

@@ -1,7 +1,15 @@
 """The ``wirekeep`` command line: one parser, one small function per command.
 
-Exit codes: 0 ok, 1 refused or failed, 2 usage, 3 daemon unreachable, 4 corrupt log,
-78 bad configuration (EX_CONFIG).
+Exit statuses, for every command: 0 ok; 1 refused or failed; 2 usage; 3 the daemon's
+socket cannot be reached (or speaks another protocol); 4 corrupt event log; 5 the
+database cannot be reached, opened or used; 6 another daemon is writing to the database;
+78 bad configuration (EX_CONFIG); 130 interrupted (Ctrl-C); 141 standard output closed by
+its reader (``| head``), as for a command killed by SIGPIPE. A failure is one line on
+stderr (a bad configuration: one line per problem); ``--debug`` adds the traceback.
+
+Importing this module stays cheap (``wirekeep status`` must answer 10,000 sessions in
+100 ms, interpreter start included): the configuration, the database, Trio and protobuf
+are imported inside the commands that use them.
 """
 
 from __future__ import annotations
@@ -10,23 +18,35 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
-from contextlib import closing
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing, contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from daemon import config as cfg
 from daemon.cli_audit import add_replay_options, register, replay_around, states_csv
 from daemon.cli_consumers import register as register_consumer_commands
 from daemon.cli_ops import register as register_operator_commands
 from daemon.render import table, to_csv, to_json
 from daemon.venue.cli import add_venue_arguments, venue_command
 
+if TYPE_CHECKING:
+    from daemon.config import Config
+    from daemon.store import EventStore, StoredEvent
+
 EXIT_OK = 0
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_CORRUPT = 4
+EXIT_DATABASE = 5
+EXIT_BUSY = 6
+EXIT_INTERRUPTED = 130
+EXIT_PIPE = 141  # 128 + SIGPIPE
+
+#: daemon.config's CONFIG_ENV_VAR and DEFAULT_CONFIG_PATH, for --help without importing it
+#: (tests/daemon/test_cli_errors.py checks that they agree).
+CONFIG_ENV_VAR = "WIREKEEP_CONFIG"
+DEFAULT_CONFIG_PATH = "/etc/wirekeep/wirekeep.toml"
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -44,7 +64,9 @@ def _now() -> datetime:
 # -- configuration and database ------------------------------------------------------
 
 
-def load_config(args: argparse.Namespace) -> cfg.Config:
+def load_config(args: argparse.Namespace) -> Config:
+    from daemon import config as cfg
+
     return cfg.load_config(cfg.config_path(args.config, os.environ))
 
 
@@ -52,15 +74,27 @@ def database_url(args: argparse.Namespace) -> str:
     """``--database``, else the configured database with its secrets resolved."""
     if getattr(args, "database", None):
         return str(args.database)
+    from daemon import config as cfg
+
     config = load_config(args)
     secrets = cfg.resolve_secrets(config, os.environ, os.environ.get(cfg.CREDENTIALS_ENV_VAR))
     return config.daemon.resolved_database(secrets)
 
 
-def open_store(args: argparse.Namespace, *, readonly: bool = False) -> Any:
+@contextmanager
+def open_store(args: argparse.Namespace, *, readonly: bool = False) -> Iterator[EventStore]:
+    """The event store, closed afterwards; a database that cannot be reached (now or while
+    the block reads it) raises DatabaseUnavailable naming it."""
+    from daemon.dberrors import translate
     from daemon.store import EventStore
 
-    return EventStore(database_url(args), readonly=readonly)
+    url = database_url(args)
+    with translate(url):
+        store = EventStore(url, readonly=readonly)
+        try:
+            yield store
+        finally:
+            store.close()
 
 
 # -- commands ----------------------------------------------------------------------------
@@ -69,10 +103,12 @@ def open_store(args: argparse.Namespace, *, readonly: bool = False) -> Any:
 def cmd_daemon(args: argparse.Namespace) -> int:
     import trio
 
+    from daemon import config as cfg
     from daemon import logs
     from daemon.adapters.net import adapter_for
     from daemon.app import Daemon
     from daemon.control import ControlSocketError
+    from daemon.dberrors import sole, translate
 
     config = load_config(args)
     secrets = cfg.resolve_secrets(config, os.environ, os.environ.get(cfg.CREDENTIALS_ENV_VAR))
@@ -91,9 +127,13 @@ def cmd_daemon(args: argparse.Namespace) -> int:
             nursery.cancel_scope.cancel()
 
     try:
-        trio.run(main)
-    except ControlSocketError as exc:
-        raise CliError(str(exc)) from None
+        with translate(daemon.database_url):
+            trio.run(main)
+    except Exception as exc:
+        failure = sole(exc)  # out of Trio's exception groups
+        if isinstance(failure, ControlSocketError):
+            raise CliError(str(failure)) from exc
+        raise
     return EXIT_OK
 
 
@@ -104,26 +144,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from daemon import config as cfg
+    from daemon.dberrors import DatabaseUnavailable, probe
+
     path = cfg.config_path(args.config, os.environ)
     config = cfg.load_config(path)
-    cfg.resolve_secrets(config, os.environ, os.environ.get(cfg.CREDENTIALS_ENV_VAR))
+    secrets = cfg.resolve_secrets(config, os.environ, os.environ.get(cfg.CREDENTIALS_ENV_VAR))
+    try:
+        database = probe(config.daemon.resolved_database(secrets))
+    except DatabaseUnavailable as exc:
+        raise DatabaseUnavailable(f"{path}: the configuration is valid, but {exc}") from exc
     enabled = sum(1 for s in config.sessions if s.enabled)
     print(
         f"{path}: ok ({len(config.sessions)} sessions, {enabled} enabled; "
-        f"database {cfg.redact_url(config.daemon.database)}; hash {config.config_hash})"
+        f"database {cfg.redact_url(config.daemon.database)} {database}; "
+        f"hash {config.config_hash})"
     )
     return EXIT_OK
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from daemon import migrate
+    from daemon.config import redact_url
 
-    store = open_store(args)
-    try:
+    with open_store(args) as store:
         before, after = migrate.upgrade(store.engine)
-    finally:
-        store.close()
-    where = cfg.redact_url(store.url)
+    where = redact_url(store.url)
     if before == after:
         print(f"{where}: already at revision {after}")
     else:
@@ -132,12 +178,17 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
+    from daemon.dberrors import DatabaseUnavailable, translate
     from daemon.readonly import QueryError, RefusedWrite, run_query
 
+    url = database_url(args)
     try:
-        result = run_query(database_url(args), args.query, limit=args.limit)
+        with translate(url):
+            result = run_query(url, args.query, limit=args.limit)
     except RefusedWrite as exc:
         raise CliError(str(exc)) from None
+    except DatabaseUnavailable:
+        raise  # not the query's fault: exit 5, like every command
     except QueryError as exc:
         raise CliError(f"query failed: {exc}") from None
     if args.json:
@@ -163,8 +214,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         raise CliError(str(exc), EXIT_USAGE) from None
     if args.window is not None and args.around is None:
         raise CliError("--window needs --around", EXIT_USAGE)
-    store = open_store(args, readonly=True)
-    try:
+    with open_store(args, readonly=True) as store:
         if args.around is not None:
             return replay_around(args, store)
         if at is not None:
@@ -192,7 +242,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             with closing(store.iter_fold_rows(until=until)) as fold_rows:
                 replay.verify_rows(fold_rows)
         sessions = args.session or [None]
-        events = []
+        events: list[StoredEvent] = []
         for name in sessions:
             events.extend(store.iter_events(session=name, since=since, until=until))
         events.sort(key=lambda e: e.id)
@@ -237,10 +287,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
             return EXIT_OK
         print(table(columns, rows, max_width=120))
         return EXIT_OK
-    except replay.CorruptLog as exc:
-        raise CliError(f"corrupt event log: {exc}", EXIT_CORRUPT) from None
-    finally:
-        store.close()
 
 
 # -- the parser --------------------------------------------------------------------------
@@ -254,13 +300,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config",
         metavar="PATH",
-        help=f"configuration file (default: ${cfg.CONFIG_ENV_VAR}, else {cfg.DEFAULT_CONFIG_PATH})",
+        help=f"configuration file (default: ${CONFIG_ENV_VAR}, else {DEFAULT_CONFIG_PATH})",
     )
-    # --config is accepted after the command too (``wirekeep daemon --config PATH``).
+    debug_help = "on a failure, print the traceback after the one-line message"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    # --config and --debug are accepted after the command too (``wirekeep daemon --config PATH``).
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--config", metavar="PATH", default=argparse.SUPPRESS, help="configuration file"
     )
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(
@@ -355,12 +404,60 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(_join_relative_times(sys.argv[1:] if argv is None else argv))
     try:
-        return int(args.handler(args))
-    except cfg.ConfigError as exc:
-        print(f"wirekeep: configuration error:\n{exc}", file=sys.stderr)
-        return cfg.EX_CONFIG
-    except CliError as exc:
-        print(f"wirekeep: {exc}", file=sys.stderr)
-        return exc.code
+        code = int(args.handler(args))
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader of stdout went away (``| head``): nothing more to say, to nobody. The
+        # commands turn a broken *socket* into a CliError, so this is stdout. stdout goes
+        # to /dev/null so that the interpreter's own last flush does not fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PIPE
+    except Exception as exc:  # noqa: BLE001 - explained in one line, or re-raised
+        return _failed(exc, debug=args.debug)
+    return code
+
+
+def _failed(exc: Exception, *, debug: bool) -> int:
+    """Print a failure the user can act on (see :func:`explain`) and return its status.
+
+    Anything else is a bug: re-raised, with its traceback.
+    """
+    explained = explain(exc)
+    if explained is None:
+        raise exc
+    message, code = explained
+    print(f"wirekeep: {message}", file=sys.stderr)
+    if debug:
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+    return code
+
+
+def explain(exc: BaseException) -> tuple[str, int] | None:
+    """(one line, exit status) for a failure that is not a bug, else None.
+
+    The other failure classes are imported here, on the way out, after the command line's
+    own: ``status`` never pays for them, not even when the daemon is down.
+    """
+    if isinstance(exc, CliError):
+        return str(exc), exc.code
+    from daemon.config import EX_CONFIG, ConfigError
+    from daemon.dberrors import DatabaseUnavailable, sole
+    from daemon.dblock import DatabaseBusy
+    from daemon.replay import CorruptLog
+
+    failure = sole(exc)
+    if isinstance(failure, CliError):
+        return str(failure), failure.code
+    if isinstance(failure, ConfigError):
+        return f"configuration error:\n{failure}", EX_CONFIG
+    if isinstance(failure, DatabaseBusy):
+        return str(failure), EXIT_BUSY
+    if isinstance(failure, DatabaseUnavailable):
+        return str(failure), EXIT_DATABASE
+    if isinstance(failure, CorruptLog):
+        return f"corrupt event log: {failure}", EXIT_CORRUPT
+    return None

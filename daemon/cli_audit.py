@@ -319,7 +319,6 @@ def _signed(seconds: float) -> str:
 
 def cmd_timeline(args: argparse.Namespace) -> int:
     from daemon.cli import open_store
-    from daemon.replay import CorruptLog
     from daemon.timeline import load_timeline, render_svg
 
     now = _now()
@@ -334,15 +333,8 @@ def cmd_timeline(args: argparse.Namespace) -> int:
         )
     if args.width < 480:
         raise _cli_error("--width must be at least 480 pixels", usage=True)
-    store = open_store(args, readonly=True)
-    try:
+    with open_store(args, readonly=True) as store:  # CorruptLog: exit 4, in daemon.cli
         timeline = load_timeline(store, since, until, args.session, verify=not args.no_verify)
-    except CorruptLog as exc:
-        from daemon.cli import EXIT_CORRUPT, CliError
-
-        raise CliError(f"corrupt event log: {exc}", EXIT_CORRUPT) from None
-    finally:
-        store.close()
     svg = render_svg(timeline, width=args.width)
     try:
         with open(args.output, "w", encoding="utf-8") as out:

@@ -19,7 +19,6 @@ command runs.
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import sys
 from collections.abc import Callable
@@ -96,57 +95,57 @@ def tail(
     """Subscribe on a connected socket and print the stream; returns the exit status.
 
     0 after ``count`` data messages; 1 when the daemon ends the stream (its Error is
-    printed to ``err``).
+    printed to ``err``) or the socket fails. A closed ``out`` (``| head``) raises
+    BrokenPipeError for the command line to handle, as for every command.
     """
     from protocol.consumer_codec import ConsumerFrameDecoder, encode_json, encode_request
     from protocol.consumer_pb2 import ConsumerRequest, Subscribe
     from protocol.errors import RemoteProtocolError
 
     request = ConsumerRequest(subscribe=Subscribe(sessions=names, all=everything))
-    sock.sendall(encode_request(request))
     decoder = ConsumerFrameDecoder()
     seen = 0
     try:
-        while True:
+        sock.sendall(encode_request(request))
+    except OSError as exc:
+        print(f"wirekeep: lost the daemon's consumer socket: {exc.strerror or exc}", file=err)
+        return 1
+    while True:
+        try:
             data = sock.recv(1 << 20)
-            if not data:
-                print("wirekeep: the daemon closed the stream", file=err)
+        except OSError as exc:
+            print(f"wirekeep: lost the daemon's consumer socket: {exc.strerror or exc}", file=err)
+            return 1
+        if not data:
+            print("wirekeep: the daemon closed the stream", file=err)
+            return 1
+        try:
+            decoder.feed(data)
+            frames = decoder.messages()
+        except RemoteProtocolError as exc:
+            print(f"wirekeep: unreadable stream from the daemon: {exc}", file=err)
+            return 1
+        lines: list[str] = []
+        for frame in frames:
+            which = frame.WhichOneof("frame")
+            if which == "error":
+                out.write("".join(lines))
+                out.flush()
+                print(f"wirekeep: the daemon ended the stream: {frame.error.message}", file=err)
                 return 1
-            try:
-                decoder.feed(data)
-                frames = decoder.messages()
-            except RemoteProtocolError as exc:
-                print(f"wirekeep: unreadable stream from the daemon: {exc}", file=err)
-                return 1
-            lines: list[str] = []
-            for frame in frames:
-                which = frame.WhichOneof("frame")
-                if which == "error":
+            if which == "subscribed" and not as_json:
+                following = ", ".join(frame.subscribed.sessions) or "nothing"
+                print(f"wirekeep: following {following}", file=err)
+                continue
+            lines.append((encode_json(frame) if as_json else format_frame(frame)) + "\n")
+            if which == "data":
+                seen += 1
+                if count is not None and seen >= count:
                     out.write("".join(lines))
                     out.flush()
-                    print(f"wirekeep: the daemon ended the stream: {frame.error.message}", file=err)
-                    return 1
-                if which == "subscribed" and not as_json:
-                    following = ", ".join(frame.subscribed.sessions) or "nothing"
-                    print(f"wirekeep: following {following}", file=err)
-                    continue
-                lines.append((encode_json(frame) if as_json else format_frame(frame)) + "\n")
-                if which == "data":
-                    seen += 1
-                    if count is not None and seen >= count:
-                        out.write("".join(lines))
-                        out.flush()
-                        return 0
-            out.write("".join(lines))
-            out.flush()
-    except BrokenPipeError:
-        if out is not sys.stdout:
-            raise
-        # The reader went away (``| head``): nothing more to print, and nothing wrong;
-        # stdout goes to /dev/null so that the interpreter's last flush does not fail.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 0
+                    return 0
+        out.write("".join(lines))
+        out.flush()
 
 
 # -- one line per frame ----------------------------------------------------------------

@@ -26,7 +26,6 @@ import os
 import socket
 import sys
 import time
-import tomllib
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, NoReturn
@@ -93,10 +92,16 @@ def socket_path(args: argparse.Namespace, environ: Mapping[str, str] = os.enviro
         return str(args.socket)
     if environ.get(SOCKET_ENV_VAR):
         return environ[SOCKET_ENV_VAR]
-    from daemon.config import config_path
+    import tomllib  # only here: ``--socket`` (or the variable) is the fast path
 
+    # daemon.config's config_path, without importing daemon.config (35 ms).
+    from daemon.cli import CONFIG_ENV_VAR, DEFAULT_CONFIG_PATH
+
+    path = getattr(args, "config", None)
+    if path is None:
+        path = environ.get(CONFIG_ENV_VAR) or DEFAULT_CONFIG_PATH
     try:
-        with open(config_path(getattr(args, "config", None), environ), "rb") as f:
+        with open(path, "rb") as f:
             raw = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError):
         return DEFAULT_SOCKET
@@ -137,9 +142,20 @@ class Connection:
             _fail(f"cannot reach the daemon on {path}: {exc.strerror or exc}", unreachable)
 
     def call(self, request: dict[str, Any]) -> dict[str, Any]:
-        response = json.loads(self.call_raw(request))
+        return self.decode(self.call_raw(request))
+
+    def decode(self, line: bytes) -> dict[str, Any]:
+        """A response line as an object; anything else means the socket is not ours."""
+        try:
+            response = json.loads(line)
+        except ValueError:  # UnicodeDecodeError included: protobuf frames, say
+            response = None
         if not isinstance(response, dict):
-            _fail(f"unexpected answer from {self.path}", _codes()[3])
+            _fail(
+                f"{self.path} does not answer in the control protocol (is it another socket, "
+                "such as the consumer socket?)",
+                _codes()[3],
+            )
         return response
 
     def call_raw(self, request: dict[str, Any]) -> bytes:
@@ -161,7 +177,7 @@ class Connection:
         line = self.call_raw(STATUS_REQUEST)
         envelope, status = split_status(line)
         if status is None:
-            response = json.loads(line)
+            response = self.decode(line)
             _check(response)
             return json.dumps(response["status"], separators=(",", ":")).encode()
         _check(envelope)

@@ -6,6 +6,10 @@ and reconnect with backoff, get rejected until the circuit opens and probes, hit
 per-host connect budget (THROTTLED), and one session is paused and resumed by an
 "operator". Transitions print as they happen; the database stays for ``replay`` and
 ``sql`` afterwards.
+
+A folder whose demo (or any daemon on its database) is running is refused before
+anything in it changes: the daemon takes the database's writer lock first, and the
+configuration file is written only once the daemon holds it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from daemon import config as cfg
 from daemon import logs
 from daemon.adapters.net import adapter_for
 from daemon.app import Daemon
+from daemon.dberrors import DatabaseUnavailable, translate
 from daemon.session import CommandKind
 from daemon.venue import FaultSchedule, SimulatedVenue, VenueConfig
 
@@ -127,36 +132,46 @@ async def operator(daemon: Daemon) -> None:
 
 async def run_demo(directory: Path, duration: float | None, out: TextIO) -> int:
     paths = DemoPaths(Path(await trio.Path(directory).resolve()))
-    await trio.Path(paths.directory).mkdir(parents=True, exist_ok=True)
+    try:
+        await trio.Path(paths.directory).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatabaseUnavailable(
+            f"cannot create the demo's directory {paths.directory}: {exc.strerror or exc}"
+        ) from None
     venue = SimulatedVenue(
         VenueConfig(pb_ports=(0,) * 5, control_port=0, rate=5.0, heartbeat_interval=1.0)
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(venue.serve)
-        await trio.Path(paths.config).write_text(demo_config(paths, venue))
-        config = await trio.to_thread.run_sync(cfg.load_config, paths.config)
+        text = demo_config(paths, venue)
+        config = cfg.parse_config(text.encode(), str(paths.config))
         daemon = Daemon(
             config=config,
             secrets={},
             database_url=config.daemon.database,
             adapter_factory=adapter_for,
         )
+        await nursery.start(daemon.handle_signals)
+        # Refused here (DatabaseBusy) when this folder's demo runs: before the file is written.
+        await nursery.start(_run_daemon, daemon, nursery.cancel_scope)
+        await trio.Path(paths.config).write_text(text)
         print(_banner(paths, venue), file=out, flush=True)
         nursery.start_soon(venue.run_schedule, fault_schedule(venue))
-        await nursery.start(daemon.handle_signals)
         nursery.start_soon(_stop_after, daemon, duration)
-        await nursery.start(_operator_when_started, daemon)
-        await daemon.run()
-        nursery.cancel_scope.cancel()
+        nursery.start_soon(operator, daemon)
     print(_afterwards(paths), file=out, flush=True)
     return 0
 
 
-async def _operator_when_started(
-    daemon: Daemon, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+async def _run_daemon(
+    daemon: Daemon,
+    everything: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    task_status.started()
-    await operator(daemon)
+    """The daemon until it stops; then the venue and the demo's helpers stop too."""
+    await daemon.run(task_status=task_status)
+    everything.cancel()
 
 
 async def _stop_after(daemon: Daemon, duration: float | None) -> None:
@@ -190,4 +205,6 @@ def _afterwards(paths: DemoPaths) -> str:
 
 def demo_command(directory: str, duration: float | None) -> int:
     logs.configure("console" if sys.stdout.isatty() else "json")
-    return trio.run(run_demo, Path(directory), duration, sys.stdout)
+    url = f"sqlite:///{DemoPaths(Path(directory).resolve()).database}"
+    with translate(url):
+        return trio.run(run_demo, Path(directory), duration, sys.stdout)

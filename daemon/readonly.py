@@ -20,6 +20,8 @@ import psycopg
 from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 
+from daemon.dberrors import DatabaseUnavailable
+
 # The authorizer's action codes that only read.
 _READ_ACTIONS = {
     sqlite3.SQLITE_SELECT,
@@ -91,6 +93,11 @@ class QueryError(Exception):
     """The database could not run the statement."""
 
 
+class UnreadableDatabase(QueryError, DatabaseUnavailable):
+    """There is no database file to read, or it cannot be opened: the statement never ran
+    (a QueryError), and the command line reports it as a database it cannot use."""
+
+
 @dataclass(frozen=True)
 class QueryResult:
     columns: Sequence[str]
@@ -100,7 +107,7 @@ class QueryResult:
 def sqlite_path(url: str) -> str:
     database = make_url(url).database
     if not database:
-        raise QueryError(f"{url}: no database file in the URL")
+        raise UnreadableDatabase(f"{url}: no database file in the URL")
     return database
 
 
@@ -110,7 +117,7 @@ def open_sqlite_readonly(path: str, refused: list[str] | None = None) -> sqlite3
     The names of the actions the authorizer refused are appended to ``refused``.
     """
     if not Path(path).exists():
-        raise QueryError(f"{path}: no such database file")
+        raise UnreadableDatabase(f"{path}: no such database file")
     # A file name, not URI text: '#' or '?' in it must not cut the path short.
     uri = f"file:{quote(os.path.abspath(path))}"
     if not Path(f"{path}-wal").exists():
@@ -123,7 +130,7 @@ def open_sqlite_readonly(path: str, refused: list[str] | None = None) -> sqlite3
             conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, check_same_thread=False)
             conn.execute("SELECT 1 FROM sqlite_master LIMIT 1")
         except sqlite3.OperationalError as exc:
-            raise QueryError(
+            raise UnreadableDatabase(
                 f"{path}: cannot open read-only ({exc}); ask for read access to the database "
                 "directory, or read a copy made with `wirekeep db snapshot`"
             ) from None

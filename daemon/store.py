@@ -19,6 +19,7 @@ from sqlalchemy import Engine, create_engine, event, func, insert, select, text,
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
+from daemon import dblock
 from daemon.readonly import open_sqlite_readonly
 from daemon.schema import daemon_runs, session_events, session_snapshots
 from statemachines.session import TransitionRecord
@@ -185,6 +186,16 @@ class EventStore:
         )
         self._copy_sql = f"COPY session_events ({', '.join(COLUMNS)}) FROM STDIN"
         self._multi: dict[int, str] = {}
+        self._writer_lock: dblock.WriterLock | None = None
+
+    def lock_writer(self, *, started_at: datetime) -> None:
+        """Take the database's writer lock (:mod:`daemon.dblock`) until :meth:`close`.
+
+        Raises DatabaseBusy, naming the daemon that holds it. A daemon calls this before it
+        reads or writes anything else.
+        """
+        if self._writer_lock is None:
+            self._writer_lock = dblock.acquire(self.url, started_at=started_at)
 
     def _multi_insert(self, rows: int) -> str:
         sql = self._multi.get(rows)
@@ -196,6 +207,9 @@ class EventStore:
 
     def close(self) -> None:
         self.engine.dispose()
+        if self._writer_lock is not None:
+            self._writer_lock.release()
+            self._writer_lock = None
 
     # -- writes ---------------------------------------------------------------------
 

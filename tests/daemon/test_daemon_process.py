@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -805,3 +806,80 @@ async def test_sigterm_closes_a_websocket_link_without_waiting_out_the_close_tim
     }
     assert took["pb-close"] < 0.5, took  # the control: nothing to wait for
     assert took["ws-close"] < 0.5, f"seconds from SIGTERM to each session's shutdown: {took}"
+
+
+# --------------------------------------------------------------------------- 10. one writer
+
+EXIT_BUSY = 6
+
+
+def refused_in_one_line(process: Process, holder: Process) -> str:
+    """The refusal's one line, which names the holder."""
+    err = process.stderr()
+    assert "Traceback" not in err
+    assert err.count("\n") == 1, err
+    assert f"pid {holder.pid} on host {socket.gethostname()}, started 20" in err, err
+    return err
+
+
+async def test_a_second_daemon_on_the_same_database_refuses_and_touches_nothing(
+    tmp_path: Path, db_url: str, group: ProcessGroup, sockets: Path
+) -> None:
+    """Same configuration, started twice (an operator's slip, a unit and a shell): the second
+    refuses before it reads anything, so the first's run is not marked crashed, its sessions
+    get no ``recover`` events, and it keeps running. A SIGKILLed holder's lock goes with it."""
+    venue = await start_venue(group)
+    config = write_config(
+        tmp_path / "wirekeep.toml",
+        database=db_url,
+        sockets=sockets,
+        sessions=[pb_session("pb-one", venue.pb_url), ws_session("ws-one", venue.ws_url)],
+    )
+    db = Db(db_url)
+    first = await start_daemon(group, config)
+    await eventually(lambda: streaming_since(db, ["pb-one", "ws-one"]), "both STREAMING")
+    (run,) = db.runs()
+
+    second = group.start("second", [*WIREKEEP, "daemon", "--config", str(config)])
+    assert await second.wait() == EXIT_BUSY, second.describe()
+    refused_in_one_line(second, first)
+    assert not second.json_lines(), "the refused daemon logged as if it ran"
+
+    assert first.running, first.describe()
+    assert db.runs() == [run]  # no second run, and the first is not judged crashed
+    assert run["stopped_at"] is None
+    assert run["clean"] is None
+    assert not [e for e in db.events() if e["trigger"] == "recover"]
+    assert (sockets / "control.sock").exists(), "the refused daemon removed the live socket"
+    (status,) = await run_clis(["status", "--json", "--config", str(config)], cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+
+    first.sigkill()
+    third = await start_daemon(group, config, name="third")
+    await eventually(
+        lambda: streaming_since(db, ["pb-one", "ws-one"], {"pb-one": 3, "ws-one": 3}),
+        "both STREAMING again under the third daemon",
+    )
+    assert [r["clean"] for r in db.runs()] == [False, None]  # now the first one crashed
+    assert await third.stop() == 0
+
+
+async def test_demo_refuses_a_folder_whose_demo_runs(
+    tmp_path: Path, group: ProcessGroup, sockets: Path
+) -> None:
+    folder = sockets / "demo"
+    first = group.start("demo", [*WIREKEEP, "demo", "--dir", str(folder), "--duration", "60"])
+    config = folder / "wirekeep.toml"
+    await eventually(
+        lambda: config.exists() and "database" in config.read_text(),
+        lambda: f"the demo's configuration{first.describe()}",
+        seconds=30,
+    )
+    written = config.read_bytes(), config.stat().st_mtime_ns
+
+    second = group.start("demo-2", [*WIREKEEP, "demo", "--dir", str(folder), "--duration", "60"])
+    assert await second.wait(30) == EXIT_BUSY, second.describe()
+    refused_in_one_line(second, first)
+    assert (config.read_bytes(), config.stat().st_mtime_ns) == written
+    assert first.running, first.describe()
+    assert await first.stop(30, signal.SIGINT) == 0, first.describe()
