@@ -108,7 +108,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     from daemon.adapters.net import adapter_for
     from daemon.app import Daemon
     from daemon.control import ControlSocketError
-    from daemon.dberrors import sole, translate
+    from daemon.dberrors import translate
+    from daemon.excgroups import sole
 
     config = load_config(args)
     secrets = cfg.resolve_secrets(config, os.environ, os.environ.get(cfg.CREDENTIALS_ENV_VAR))
@@ -445,8 +446,9 @@ def explain(exc: BaseException) -> tuple[str, int] | None:
     if isinstance(exc, CliError):
         return str(exc), exc.code
     from daemon.config import EX_CONFIG, ConfigError
-    from daemon.dberrors import DatabaseUnavailable, sole
+    from daemon.dberrors import DatabaseUnavailable
     from daemon.dblock import DatabaseBusy
+    from daemon.excgroups import sole
     from daemon.replay import CorruptLog
 
     failure = sole(exc)

@@ -24,6 +24,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from daemon.config import redact_url
+from daemon.excgroups import sole
 
 #: SQLSTATEs meaning "this database is not (yet) a wirekeep event store" and "refused".
 _UNDEFINED_TABLE = "42P01"
@@ -32,14 +33,6 @@ _INSUFFICIENT_PRIVILEGE = "42501"
 
 class DatabaseUnavailable(Exception):
     """The database cannot be reached, opened or used; the message says which and why."""
-
-
-def sole(exc: BaseException) -> BaseException:
-    """The one exception inside nested single-member exception groups (Trio's nurseries
-    wrap everything), else ``exc`` itself."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
 
 
 def shown(url: str) -> str:

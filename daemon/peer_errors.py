@@ -10,16 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from daemon.excgroups import first_error
 from protocol.peer_json import valid_unicode
 
-__all__ = ["first_error", "report_peer_error"]
-
-
-def first_error(exc: BaseException) -> BaseException:
-    """The first exception in (possibly nested) exception groups: what went wrong."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc
+__all__ = ["report_peer_error"]
 
 
 def report_peer_error(log: Any, event: str, exc: BaseException, **keys: object) -> str:

@@ -44,6 +44,7 @@ import trio
 
 from daemon.adapters.base import Adapter, AdapterError, AuthRejected, Batch, Connection
 from daemon.config import SessionConfig
+from daemon.excgroups import first_error
 from daemon.replay import SessionView
 from daemon.writer import EventSink
 from statemachines.decide import (
@@ -162,12 +163,6 @@ def _failure(exc: AdapterError) -> Failure:
         return exc.failure
     trigger = Trigger.AUTH_REJECTED if isinstance(exc, AuthRejected) else Trigger.LOST
     return Failure(trigger, exc.reason, exc.error_class)
-
-
-def _first_leaf(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
 
 
 class SessionRunner:
@@ -433,7 +428,7 @@ class SessionRunner:
     async def _fault(self, exc: Exception) -> None:
         """A bug in this session's task: recorded, and paced by the backoff (see
         :meth:`SessionPolicy.fault`)."""
-        leaf = _first_leaf(exc)
+        leaf = first_error(exc)
         self._release_handshake()
         decision = self.policy.fault(
             self.model.state, f"{type(leaf).__name__}: {leaf}",
@@ -529,7 +524,7 @@ class SessionRunner:
                             await conn.aclose()
                     nursery.cancel_scope.cancel()
         except* AdapterError as group:  # raised by an adapter's own background task
-            leaf = _first_leaf(group)
+            leaf = first_error(group)
             assert isinstance(leaf, AdapterError)
             link.end(_failure(leaf))
         if not link.ended:
